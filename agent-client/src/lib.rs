@@ -1,0 +1,29 @@
+//! The kata-rs host/guest protocol and the host-side client of the guest agent (criu-bridge).
+//!
+//! The protocol lives in `protos/agent.proto` and is generated at build time. Two transports reach
+//! the agent: AF_VSOCK (a host with `/dev/vhost-vsock`) and hybrid vsock (a unix socket served by
+//! `vhost-device-vsock`, where the host asks for a guest port with `CONNECT <port>\n`).
+
+pub mod client;
+pub mod transport;
+
+/// Generated protobuf messages.
+#[allow(clippy::all, unused, non_camel_case_types, non_snake_case, non_upper_case_globals)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/protocol/agent.rs"));
+}
+
+/// Generated ttrpc client and server traits.
+#[allow(clippy::all, unused, non_camel_case_types, non_snake_case, non_upper_case_globals)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/protocol/agent_ttrpc.rs"));
+}
+
+pub use client::{AgentClient, AgentError};
+pub use transport::{Transport, TransportError};
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+
+/// Re-exported so that the guest agent serves exactly the ttrpc this client speaks.
+pub use ttrpc;

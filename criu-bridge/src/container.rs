@@ -1,0 +1,517 @@
+//! Containers run by runc inside the guest: bundles, processes, stdio pipes, exits.
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use nix::{fcntl::OFlag, sys::signal::Signal, unistd::Pid};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::unix::pipe,
+    sync::{watch, Mutex},
+};
+use tracing::info;
+
+use crate::{cmd, reaper::Reaper};
+
+pub const RUNC: &str = "/usr/sbin/runc";
+pub const RUNC_ROOT: &str = "/run/runc";
+/// Bundles, runc logs, exec process files.
+pub const CONTAINERS_DIR: &str = "/run/kata-rs/containers";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container {0} not found")]
+    NotFound(String),
+    #[error("process {exec_id} of container {id} not found")]
+    ProcessNotFound { id: String, exec_id: String },
+    #[error("container {0} already exists")]
+    Exists(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("{what} failed: {detail}")]
+    Runc { what: String, detail: String },
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, ContainerError>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let w = what.into();
+    move |e| ContainerError::Io(w, e)
+}
+
+/// Exit of a process: status code and time.
+#[derive(Debug, Clone, Copy)]
+pub struct ExitInfo {
+    pub code: i32,
+    pub at: SystemTime,
+}
+
+/// One process (container init or exec) and the agent's ends of its stdio pipes.
+pub struct Process {
+    pub pid: u32,
+    pub stdin: Mutex<Option<pipe::Sender>>,
+    pub stdout: Mutex<Option<pipe::Receiver>>,
+    pub stderr: Mutex<Option<pipe::Receiver>>,
+    pub exit: watch::Receiver<Option<ExitInfo>>,
+    exit_tx: Arc<watch::Sender<Option<ExitInfo>>>,
+}
+
+/// The container-side ends of the pipes, handed to runc.
+struct ChildStdio {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+fn make_pipes() -> Result<(ChildStdio, pipe::Sender, pipe::Receiver, pipe::Receiver)> {
+    let p = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ContainerError::Io("pipe2".into(), e.into()));
+    let (in_r, in_w) = p()?;
+    let (out_r, out_w) = p()?;
+    let (err_r, err_w) = p()?;
+    let stdin = pipe::Sender::from_owned_fd(in_w).map_err(io("stdin pipe"))?;
+    let stdout = pipe::Receiver::from_owned_fd(out_r).map_err(io("stdout pipe"))?;
+    let stderr = pipe::Receiver::from_owned_fd(err_r).map_err(io("stderr pipe"))?;
+    Ok((ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w }, stdin, stdout, stderr))
+}
+
+impl Process {
+    fn new(stdin: pipe::Sender, stdout: pipe::Receiver, stderr: pipe::Receiver) -> Process {
+        let (tx, rx) = watch::channel(None);
+        Process {
+            pid: 0,
+            stdin: Mutex::new(Some(stdin)),
+            stdout: Mutex::new(Some(stdout)),
+            stderr: Mutex::new(Some(stderr)),
+            exit: rx,
+            exit_tx: Arc::new(tx),
+        }
+    }
+
+    /// Watches `pid` through the reaper and publishes its exit.
+    fn watch_exit(&mut self, reaper: &Arc<Reaper>, pid: u32) {
+        self.pid = pid;
+        let tx = self.exit_tx.clone();
+        let reaper = reaper.clone();
+        tokio::spawn(async move {
+            let code = reaper.wait(pid as i32).await;
+            info!(pid, code, "process exited");
+            let _ = tx.send(Some(ExitInfo { code, at: SystemTime::now() }));
+        });
+    }
+
+    pub fn exited(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    pub async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return ExitInfo { code: 255, at: SystemTime::now() };
+            }
+        }
+    }
+
+    /// Reads up to `max` bytes of stdout or stderr; `Ok(empty)` means end of stream.
+    pub async fn read(&self, stderr: bool, max: usize) -> Result<Vec<u8>> {
+        let lock = if stderr { &self.stderr } else { &self.stdout };
+        let mut g = lock.lock().await;
+        let Some(r) = g.as_mut() else { return Ok(Vec::new()) };
+        let mut buf = vec![0u8; max.clamp(1, 1 << 20)];
+        let n = r.read(&mut buf).await.map_err(io("reading process output"))?;
+        if n == 0 {
+            *g = None;
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<usize> {
+        let mut g = self.stdin.lock().await;
+        let w = g.as_mut().ok_or_else(|| ContainerError::Invalid("stdin is closed".into()))?;
+        w.write_all(data).await.map_err(io("writing stdin"))?;
+        Ok(data.len())
+    }
+
+    pub async fn close_stdin(&self) {
+        self.stdin.lock().await.take();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub init: Arc<Process>,
+    pub execs: HashMap<String, Arc<Process>>,
+    pub status: Status,
+    /// Stdio for the first start/restore, kept until runc takes it.
+    pending_stdio: Option<ChildStdio>,
+    pub external_mounts: Vec<String>,
+}
+
+/// The agent's table of containers.
+pub struct Containers {
+    pub reaper: Arc<Reaper>,
+    map: Mutex<HashMap<String, Arc<Mutex<Container>>>>,
+}
+
+fn valid_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || id.starts_with('.') {
+        return Err(ContainerError::Invalid(format!("id {id:?} must be 1-128 of [A-Za-z0-9_.-] and not start with '.'")));
+    }
+    Ok(())
+}
+
+/// Last error message runc wrote to its JSON log.
+fn runc_log_error(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let mut msgs: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| matches!(v.get("level").and_then(Value::as_str), Some("error") | Some("fatal")))
+        .filter_map(|v| v.get("msg").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    msgs.dedup();
+    let tail: Vec<String> = msgs.into_iter().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+    tail.join("; ")
+}
+
+/// Runs `runc <args>` (global flags added) with captured output; an error names the runc log's message.
+pub async fn runc(reaper: &Arc<Reaper>, id: &str, args: &[&str], deadline: Option<Duration>) -> Result<cmd::Output> {
+    let log = Path::new(CONTAINERS_DIR).join(id).join("runc.log");
+    let mut full = vec!["--root".to_string(), RUNC_ROOT.into(), "--log".into(), log.display().to_string(), "--log-format".into(), "json".into()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    let out = cmd::run(reaper, RUNC, &full, deadline).await.map_err(io("running runc"))?;
+    if !out.ok() {
+        let mut detail = runc_log_error(&log);
+        if detail.is_empty() {
+            detail = out.stderr.trim().to_string();
+        }
+        if out.timed_out {
+            detail = format!("timed out; {detail}");
+        }
+        return Err(ContainerError::Runc { what: format!("runc {}", args.first().unwrap_or(&"")), detail });
+    }
+    Ok(out)
+}
+
+impl Containers {
+    pub fn new(reaper: Arc<Reaper>) -> Containers {
+        Containers { reaper, map: Mutex::new(HashMap::new()) }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Arc<Mutex<Container>>> {
+        self.map.lock().await.get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.into()))
+    }
+
+    pub async fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        let c = self.get(id).await?;
+        let c = c.lock().await;
+        if exec_id.is_empty() {
+            return Ok(c.init.clone());
+        }
+        c.execs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| ContainerError::ProcessNotFound { id: id.into(), exec_id: exec_id.into() })
+    }
+
+    /// Writes the bundle and, unless it will be restored from images, runs `runc create`.
+    pub async fn create(&self, id: &str, spec: &[u8], rootfs: &str, external_mounts: Vec<String>, for_restore: bool) -> Result<()> {
+        valid_id(id)?;
+        if self.map.lock().await.contains_key(id) {
+            return Err(ContainerError::Exists(id.into()));
+        }
+        let mut spec: Value = serde_json::from_slice(spec).map_err(|e| ContainerError::Invalid(format!("OCI spec: {e}")))?;
+        if !Path::new(rootfs).is_absolute() || !Path::new(rootfs).is_dir() {
+            return Err(ContainerError::Invalid(format!("rootfs {rootfs} is not a directory in the guest")));
+        }
+        let obj = spec.as_object_mut().ok_or_else(|| ContainerError::Invalid("OCI spec is not an object".into()))?;
+        obj.insert("root".into(), serde_json::json!({"path": rootfs, "readonly": false}));
+        let linux = obj.entry("linux").or_insert_with(|| serde_json::json!({}));
+        if let Some(l) = linux.as_object_mut() {
+            l.insert("cgroupsPath".into(), Value::String(format!("/kata-rs/{id}")));
+        }
+        let bundle = Path::new(CONTAINERS_DIR).join(id);
+        fs::create_dir_all(&bundle).map_err(io("creating the bundle"))?;
+        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec).unwrap()).map_err(io("writing config.json"))?;
+        let (child, stdin, stdout, stderr) = make_pipes()?;
+        let mut init = Process::new(stdin, stdout, stderr);
+        let pending = if for_restore {
+            Some(child)
+        } else {
+            let pid_file = bundle.join("init.pid");
+            let mut c = Command::new(RUNC);
+            c.args(["--root", RUNC_ROOT, "--log"])
+                .arg(bundle.join("runc.log"))
+                .args(["--log-format", "json", "create", "--bundle"])
+                .arg(&bundle)
+                .arg("--pid-file")
+                .arg(&pid_file)
+                .arg(id)
+                .stdin(Stdio::from(child.stdin))
+                .stdout(Stdio::from(child.stdout))
+                .stderr(Stdio::from(child.stderr));
+            let out = cmd::run_command(&self.reaper, c, Some(Duration::from_secs(60))).await.map_err(io("running runc create"))?;
+            if !out.ok() {
+                let detail = runc_log_error(&bundle.join("runc.log"));
+                let _ = fs::remove_dir_all(&bundle);
+                return Err(ContainerError::Runc { what: "runc create".into(), detail });
+            }
+            let pid = read_pid(&pid_file)?;
+            init.watch_exit(&self.reaper, pid);
+            None
+        };
+        let c = Container {
+            id: id.into(),
+            bundle,
+            init: Arc::new(init),
+            execs: HashMap::new(),
+            status: Status::Created,
+            pending_stdio: pending,
+            external_mounts,
+        };
+        self.map.lock().await.insert(id.into(), Arc::new(Mutex::new(c)));
+        info!(id, for_restore, "container created");
+        Ok(())
+    }
+
+    pub async fn start(&self, id: &str) -> Result<u32> {
+        let c = self.get(id).await?;
+        let mut c = c.lock().await;
+        if c.status != Status::Created || c.pending_stdio.is_some() {
+            return Err(ContainerError::Invalid(format!("container {id} is not in the created state")));
+        }
+        runc(&self.reaper, id, &["start", id], Some(Duration::from_secs(60))).await?;
+        c.status = Status::Running;
+        Ok(c.init.pid)
+    }
+
+    pub async fn exec(&self, id: &str, exec_id: &str, process: &[u8]) -> Result<u32> {
+        valid_id(exec_id)?;
+        let c = self.get(id).await?;
+        let mut c = c.lock().await;
+        if c.execs.contains_key(exec_id) {
+            return Err(ContainerError::Exists(format!("{id}/{exec_id}")));
+        }
+        if !matches!(c.status, Status::Running) {
+            return Err(ContainerError::Invalid(format!("container {id} is not running")));
+        }
+        let mut p: Value = serde_json::from_slice(process).map_err(|e| ContainerError::Invalid(format!("process: {e}")))?;
+        if let Some(o) = p.as_object_mut() {
+            o.insert("terminal".into(), Value::Bool(false));
+        }
+        let pfile = c.bundle.join(format!("exec-{exec_id}.json"));
+        let pid_file = c.bundle.join(format!("exec-{exec_id}.pid"));
+        fs::write(&pfile, serde_json::to_vec(&p).unwrap()).map_err(io("writing the exec process"))?;
+        let (child, stdin, stdout, stderr) = make_pipes()?;
+        let mut proc_ = Process::new(stdin, stdout, stderr);
+        let mut cmd_ = Command::new(RUNC);
+        cmd_.args(["--root", RUNC_ROOT, "--log"])
+            .arg(c.bundle.join("runc.log"))
+            .args(["--log-format", "json", "exec", "-d", "--pid-file"])
+            .arg(&pid_file)
+            .arg("--process")
+            .arg(&pfile)
+            .arg(id)
+            .stdin(Stdio::from(child.stdin))
+            .stdout(Stdio::from(child.stdout))
+            .stderr(Stdio::from(child.stderr));
+        let out = cmd::run_command(&self.reaper, cmd_, Some(Duration::from_secs(60))).await.map_err(io("running runc exec"))?;
+        if !out.ok() {
+            return Err(ContainerError::Runc { what: "runc exec".into(), detail: runc_log_error(&c.bundle.join("runc.log")) });
+        }
+        let pid = read_pid(&pid_file)?;
+        proc_.watch_exit(&self.reaper, pid);
+        c.execs.insert(exec_id.into(), Arc::new(proc_));
+        Ok(pid)
+    }
+
+    pub async fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
+        let signal = Signal::try_from(sig as i32).map_err(|_| ContainerError::Invalid(format!("signal {sig}")))?;
+        let c = self.get(id).await?;
+        let c = c.lock().await;
+        if exec_id.is_empty() {
+            if c.init.exited().is_some() && !all {
+                return Err(ContainerError::Invalid(format!("container {id} has exited")));
+            }
+            let s = (sig).to_string();
+            let mut args = vec!["kill"];
+            if all {
+                args.push("--all");
+            }
+            args.push(id);
+            args.push(&s);
+            runc(&self.reaper, id, &args, Some(Duration::from_secs(30))).await?;
+            return Ok(());
+        }
+        let p = c.execs.get(exec_id).ok_or_else(|| ContainerError::ProcessNotFound { id: id.into(), exec_id: exec_id.into() })?;
+        if p.exited().is_some() {
+            return Err(ContainerError::Invalid(format!("process {exec_id} has exited")));
+        }
+        nix::sys::signal::kill(Pid::from_raw(p.pid as i32), signal).map_err(|e| ContainerError::Io(format!("kill {}", p.pid), e.into()))
+    }
+
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<()> {
+        let c = self.get(id).await?;
+        let mut c = c.lock().await;
+        runc(&self.reaper, id, &[if pause { "pause" } else { "resume" }, id], Some(Duration::from_secs(60))).await?;
+        c.status = if pause { Status::Paused } else { Status::Running };
+        Ok(())
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.get(id).await?;
+        let out = runc(&self.reaper, id, &["ps", "--format", "json", id], Some(Duration::from_secs(30))).await?;
+        serde_json::from_str::<Vec<u32>>(out.stdout.trim()).map_err(|e| ContainerError::Runc { what: "runc ps".into(), detail: e.to_string() })
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<Vec<u8>> {
+        self.get(id).await?;
+        let out = runc(&self.reaper, id, &["events", "--stats", id], Some(Duration::from_secs(30))).await?;
+        Ok(out.stdout.into_bytes())
+    }
+
+    pub async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        let c = self.get(id).await?;
+        let c = c.lock().await;
+        serde_json::from_slice::<Value>(resources).map_err(|e| ContainerError::Invalid(format!("resources: {e}")))?;
+        let f = c.bundle.join("resources.json");
+        fs::write(&f, resources).map_err(io("writing resources"))?;
+        let f = f.display().to_string();
+        runc(&self.reaper, id, &["update", "-r", &f, id], Some(Duration::from_secs(30))).await?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let c = self.get(id).await?;
+        {
+            let c = c.lock().await;
+            // `delete --force` kills a running container; a never-started restore target has no runc state.
+            if c.pending_stdio.is_none() {
+                if let Err(e) = runc(&self.reaper, id, &["delete", "--force", id], Some(Duration::from_secs(60))).await {
+                    if !e.to_string().contains("does not exist") {
+                        return Err(e);
+                    }
+                }
+            }
+            let _ = fs::remove_dir_all(&c.bundle);
+        }
+        self.map.lock().await.remove(id);
+        info!(id, "container removed");
+        Ok(())
+    }
+
+    /// `runc checkpoint` with the options mapped; returns CRIU's stats lines.
+    pub async fn checkpoint(&self, req: &agent_client::agent::CheckpointContainerRequest) -> Result<String> {
+        let id = req.container_id.as_str();
+        let c = self.get(id).await?;
+        let mut c = c.lock().await;
+        for p in [&req.image_path, &req.work_path] {
+            if !Path::new(p).is_absolute() {
+                return Err(ContainerError::Invalid(format!("path {p:?} must be absolute")));
+            }
+            fs::create_dir_all(p).map_err(io(format!("creating {p}")))?;
+        }
+        let mut args: Vec<String> = vec!["checkpoint".into(), "--image-path".into(), req.image_path.clone(), "--work-path".into(), req.work_path.clone()];
+        if req.leave_running {
+            args.push("--leave-running".into());
+        }
+        if req.tcp_established {
+            args.push("--tcp-established".into());
+        }
+        if req.external_unix_sockets {
+            args.push("--ext-unix-sk".into());
+        }
+        if req.shell_job {
+            args.push("--shell-job".into());
+        }
+        if req.file_locks {
+            args.push("--file-locks".into());
+        }
+        for ns in &req.empty_namespaces {
+            args.push("--empty-ns".into());
+            args.push(ns.clone());
+        }
+        args.push(id.into());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
+        runc(&self.reaper, id, &argv, deadline).await.map_err(|e| with_criu_log(e, &req.work_path, "dump.log"))?;
+        if !req.leave_running {
+            c.status = Status::Stopped;
+        }
+        Ok(String::new())
+    }
+
+    /// `runc restore -d` of a container created with `for_restore`, with the new stdio pipes.
+    pub async fn restore(&self, req: &agent_client::agent::RestoreContainerRequest) -> Result<u32> {
+        let id = req.container_id.as_str();
+        let c = self.get(id).await?;
+        let mut c = c.lock().await;
+        let child = c.pending_stdio.take().ok_or_else(|| ContainerError::Invalid(format!("container {id} was not created for restore")))?;
+        fs::create_dir_all(&req.work_path).map_err(io("creating the restore work dir"))?;
+        let pid_file = c.bundle.join("init.pid");
+        let mut cmd_ = Command::new(RUNC);
+        cmd_.args(["--root", RUNC_ROOT, "--log"])
+            .arg(c.bundle.join("runc.log"))
+            .args(["--log-format", "json", "restore", "-d", "--image-path", &req.image_path, "--work-path", &req.work_path, "--bundle"])
+            .arg(&c.bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(id)
+            .stdin(Stdio::from(child.stdin))
+            .stdout(Stdio::from(child.stdout))
+            .stderr(Stdio::from(child.stderr));
+        let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
+        let out = cmd::run_command(&self.reaper, cmd_, deadline).await.map_err(io("running runc restore"))?;
+        if !out.ok() {
+            let e = ContainerError::Runc { what: "runc restore".into(), detail: runc_log_error(&c.bundle.join("runc.log")) };
+            return Err(with_criu_log(e, &req.work_path, "restore.log"));
+        }
+        let pid = read_pid(&pid_file)?;
+        let init = Arc::get_mut(&mut c.init).ok_or_else(|| ContainerError::Invalid("init process busy".into()))?;
+        init.watch_exit(&self.reaper, pid);
+        c.status = Status::Running;
+        Ok(pid)
+    }
+}
+
+/// Adds CRIU's `Error` lines and the log path to a failed checkpoint/restore.
+fn with_criu_log(e: ContainerError, work: &str, name: &str) -> ContainerError {
+    let path = Path::new(work).join(name);
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
+    let tail = errors.iter().rev().take(8).rev().cloned().collect::<Vec<_>>().join("\n");
+    match e {
+        ContainerError::Runc { what, detail } => ContainerError::Runc {
+            what,
+            detail: format!("{detail}\nCRIU errors:\n{tail}\nCRIU log (guest): {}", path.display()),
+        },
+        other => other,
+    }
+}
+
+fn read_pid(p: &Path) -> Result<u32> {
+    let s = fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
+    s.trim().parse().map_err(|_| ContainerError::Invalid(format!("bad pid file {}: {s:?}", p.display())))
+}

@@ -1,0 +1,192 @@
+//! PID-1 duties: switch_root to a tmpfs, mounts, kernel modules, loopback, the shared directory.
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::process::CommandExt,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, MsFlags};
+use tracing::{info, warn};
+
+/// Settings read from the kernel command line (`kata_rs.*`).
+#[derive(Debug, Clone)]
+pub struct BootParams {
+    pub shared_fs: String,
+    pub shared_tag: String,
+    pub msize_9p: u32,
+    pub log: String,
+    pub probe: bool,
+    pub port: u32,
+}
+
+impl BootParams {
+    pub fn parse(cmdline: &str) -> BootParams {
+        let mut p = BootParams {
+            shared_fs: "virtiofs".into(),
+            shared_tag: "kataShared".into(),
+            msize_9p: 512000,
+            log: "info".into(),
+            probe: false,
+            port: agent_client::AGENT_PORT,
+        };
+        for word in cmdline.split_whitespace() {
+            let Some((k, v)) = word.split_once('=') else { continue };
+            match k {
+                "kata_rs.shared_fs" => p.shared_fs = v.into(),
+                "kata_rs.shared_tag" => p.shared_tag = v.into(),
+                "kata_rs.msize_9p" => p.msize_9p = v.parse().unwrap_or(p.msize_9p),
+                "kata_rs.log" => p.log = v.into(),
+                "kata_rs.probe" => p.probe = v == "1",
+                "kata_rs.port" => p.port = v.parse().unwrap_or(p.port),
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// Where the shared directory is mounted in the guest.
+pub const SHARED_MOUNT: &str = "/run/kata-rs/shared";
+const SWITCHED_MARK: &str = "/.kata-rs-switched";
+
+fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    fs::create_dir_all(target).ok();
+    mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mount {fstype} on {target}"))
+}
+
+/// First stage, still on the initramfs: runc cannot pivot_root out of rootfs, so copy the tree into
+/// a tmpfs and `switch_root` there (busybox removes the old contents and re-executes /init).
+pub fn switch_root_if_needed() -> Result<()> {
+    if Path::new(SWITCHED_MARK).exists() {
+        return Ok(());
+    }
+    mnt("tmpfs", "/newroot", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    let entries: Vec<String> = fs::read_dir("/")?
+        .filter_map(|e| e.ok())
+        .map(|e| format!("/{}", e.file_name().to_string_lossy()))
+        .filter(|p| !matches!(p.as_str(), "/newroot" | "/proc" | "/sys" | "/dev"))
+        .collect();
+    let st = Command::new("/bin/cp").arg("-a").args(&entries).arg("/newroot/").status()?;
+    if !st.success() {
+        bail!("copying the initramfs into /newroot failed: {st}");
+    }
+    for d in ["/newroot/proc", "/newroot/sys", "/newroot/dev"] {
+        fs::create_dir_all(d)?;
+    }
+    fs::write(format!("/newroot{SWITCHED_MARK}"), b"")?;
+    let err = Command::new("/bin/switch_root").args(["/newroot", "/init"]).exec();
+    bail!("exec switch_root: {err}")
+}
+
+/// Mounts the pseudo filesystems PID 1 needs.
+pub fn mount_basics() -> Result<()> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mnt("proc", "/proc", "proc", nodev, None)?;
+    mnt("sysfs", "/sys", "sysfs", nodev, None)?;
+    mnt("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mnt("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mnt("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    mnt("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)?;
+    mnt("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
+    // Give containers every controller the kernel offers.
+    if let Ok(ctrls) = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers") {
+        let want: String = ctrls.split_whitespace().map(|c| format!("+{c} ")).collect();
+        if let Err(e) = fs::write("/sys/fs/cgroup/cgroup.subtree_control", want.trim()) {
+            warn!(error = %e, "enabling cgroup controllers");
+        }
+    }
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    let _ = std::os::unix::fs::symlink("/dev/pts/ptmx", "/dev/ptmx");
+    Ok(())
+}
+
+/// Loads the kernel modules listed (in dependency order) in /etc/modules.order.
+pub fn load_modules() -> Result<usize> {
+    let order = fs::read_to_string("/etc/modules.order").unwrap_or_default();
+    let mut n = 0;
+    for m in order.lines().filter(|l| !l.trim().is_empty()) {
+        let path = format!("/lib/modules/{m}");
+        let f = fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        match nix::kmod::finit_module(&f, &CString::new("")?, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) => n += 1,
+            Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => warn!(module = m, error = %e, "finit_module failed"),
+        }
+    }
+    Ok(n)
+}
+
+/// Brings up the loopback interface (CRIU's kerndat needs it) and sets the hostname.
+pub fn setup_network() -> Result<()> {
+    let st = Command::new("/bin/ip").args(["link", "set", "lo", "up"]).status().context("run ip")?;
+    if !st.success() {
+        bail!("ip link set lo up: {st}");
+    }
+    let _ = nix::unistd::sethostname("kata-rs");
+    Ok(())
+}
+
+/// Mounts the host-shared directory (virtio-fs or 9p), retrying while the device settles.
+pub fn mount_shared(p: &BootParams) -> Result<()> {
+    fs::create_dir_all(SHARED_MOUNT)?;
+    let mut last = None;
+    for _ in 0..50 {
+        let r = match p.shared_fs.as_str() {
+            "virtiofs" => mount(Some(p.shared_tag.as_str()), SHARED_MOUNT, Some("virtiofs"), MsFlags::empty(), None::<&str>),
+            "9p" => {
+                let opts = format!("trans=virtio,version=9p2000.L,msize={},cache=mmap", p.msize_9p);
+                mount(Some(p.shared_tag.as_str()), SHARED_MOUNT, Some("9p"), MsFlags::empty(), Some(opts.as_str()))
+            }
+            "none" => return Ok(()),
+            other => bail!("unknown kata_rs.shared_fs={other}"),
+        };
+        match r {
+            Ok(()) => {
+                info!(fs = %p.shared_fs, tag = %p.shared_tag, "shared directory mounted at {SHARED_MOUNT}");
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("mounting {} tag {} on {SHARED_MOUNT}: {:?}", p.shared_fs, p.shared_tag, last)
+}
+
+/// Writes to the console directly (before logging is set up, and for the KVM probe marker).
+pub fn console(msg: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = fs::OpenOptions::new().write(true).open("/dev/console") {
+        let _ = writeln!(f, "{msg}");
+    } else {
+        eprintln!("{msg}");
+    }
+}
+
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_params() {
+        let p = BootParams::parse("console=ttyS0 kata_rs.shared_fs=9p kata_rs.msize_9p=262144 kata_rs.log=debug quiet");
+        assert_eq!(p.shared_fs, "9p");
+        assert_eq!(p.msize_9p, 262144);
+        assert_eq!(p.log, "debug");
+        assert!(!p.probe);
+        assert_eq!(p.port, 1024);
+        assert!(BootParams::parse("kata_rs.probe=1").probe);
+    }
+}

@@ -1,0 +1,77 @@
+//! criu-bridge: the kata-rs guest agent, PID 1 of the guest (no systemd).
+//!
+//! Boot: switch_root into a tmpfs (so runc can pivot_root), mount the pseudo filesystems and cgroup2,
+//! load modules, bring up `lo`, mount the shared directory, then serve the agent protocol on vsock.
+//! With `kata_rs.probe=1` on the kernel command line it only prints a marker and powers off
+//! (the host's KVM probe).
+mod cmd;
+mod container;
+mod init;
+mod reaper;
+mod service;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tracing::{error, info};
+
+const PROBE_MARKER: &str = "KATA_RS_PROBE_OK";
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    if let Err(e) = run(pid1) {
+        init::console(&format!("criu-bridge: fatal: {e:#}"));
+        if pid1 {
+            init::power_off();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(pid1: bool) -> Result<()> {
+    if pid1 {
+        init::switch_root_if_needed()?;
+        init::mount_basics()?;
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let params = init::BootParams::parse(&cmdline);
+    if params.probe {
+        init::console(PROBE_MARKER);
+        init::power_off();
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&params.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if pid1 {
+        let n = init::load_modules()?;
+        info!(modules = n, "kernel modules loaded");
+        init::setup_network()?;
+        init::mount_shared(&params)?;
+    }
+    std::fs::create_dir_all(container::CONTAINERS_DIR)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(params))
+}
+
+async fn serve(params: init::BootParams) -> Result<()> {
+    let reaper = reaper::Reaper::start();
+    let containers = Arc::new(container::Containers::new(reaper));
+    let svc = Arc::new(service::AgentService::new(containers)) as Arc<dyn agent_client::agent_ttrpc::Agent + Send + Sync>;
+    let services = agent_client::agent_ttrpc::create_agent(svc);
+    let addr = format!("vsock://-1:{}", params.port);
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&addr)
+        .with_context(|| format!("bind {addr}"))?
+        .register_service(services);
+    server.start().await.context("starting the ttrpc server")?;
+    let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    info!(%addr, uptime = uptime.split_whitespace().next().unwrap_or(""), "KATA_RS_AGENT_READY");
+    // Serve until the VM is torn down. SIGTERM (not sent to PID 1 by the kernel) is honoured for non-init runs.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    term.recv().await;
+    error!("SIGTERM: shutting down");
+    server.shutdown().await.ok();
+    Ok(())
+}

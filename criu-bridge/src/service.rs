@@ -1,0 +1,214 @@
+//! The ttrpc service: protocol requests mapped onto [`Containers`] and guest tools.
+use std::{path::Path, sync::Arc, time::Duration};
+
+use agent_client::{agent::*, agent_ttrpc};
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+use ttrpc::{r#async::TtrpcContext, Code};
+
+use crate::{
+    cmd,
+    container::{ContainerError, Containers},
+};
+
+pub struct AgentService {
+    pub containers: Arc<Containers>,
+    versions: OnceCell<(String, String)>,
+}
+
+/// Directories whose files ReadFileTail may return.
+const READABLE_ROOTS: &[&str] = &["/run/kata-rs", "/tmp/kata-rs"];
+const MAX_TAIL: u32 = 4 << 20;
+
+fn status(e: ContainerError) -> ttrpc::Error {
+    let code = match &e {
+        ContainerError::NotFound(_) | ContainerError::ProcessNotFound { .. } => Code::NOT_FOUND,
+        ContainerError::Exists(_) => Code::ALREADY_EXISTS,
+        ContainerError::Invalid(_) => Code::INVALID_ARGUMENT,
+        ContainerError::Runc { .. } | ContainerError::Io(..) => Code::INTERNAL,
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+fn internal(msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INTERNAL, msg.into()))
+}
+
+impl AgentService {
+    pub fn new(containers: Arc<Containers>) -> Self {
+        AgentService { containers, versions: OnceCell::new() }
+    }
+
+    async fn versions(&self) -> &(String, String) {
+        self.versions
+            .get_or_init(|| async {
+                let r = &self.containers.reaper;
+                let first_line = |o: std::io::Result<cmd::Output>| {
+                    o.map(|o| o.stdout.lines().next().unwrap_or("").trim().to_string()).unwrap_or_else(|e| format!("unavailable: {e}"))
+                };
+                let runc = first_line(cmd::run(r, crate::container::RUNC, &["--version".into()], Some(Duration::from_secs(10))).await);
+                let criu = first_line(cmd::run(r, "/usr/sbin/criu", &["--version".into()], Some(Duration::from_secs(10))).await);
+                (runc, criu)
+            })
+            .await
+    }
+}
+
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime").ok().and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok())).unwrap_or(0.0)
+}
+
+#[async_trait]
+impl agent_ttrpc::Agent for AgentService {
+    async fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
+        let (runc, criu) = self.versions().await.clone();
+        let mut r = CheckResponse::new();
+        r.agent_version = env!("CARGO_PKG_VERSION").into();
+        r.kernel_release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+        r.uptime_s = uptime();
+        r.runc_version = runc;
+        r.criu_version = criu;
+        Ok(r)
+    }
+
+    async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .create(&req.container_id, &req.oci_spec, &req.rootfs, req.external_mounts.clone(), req.for_restore)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StartResponse> {
+        let pid = self.containers.start(&req.container_id).await.map_err(status)?;
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
+    async fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<StartResponse> {
+        let pid = self.containers.exec(&req.container_id, &req.exec_id, &req.process).await.map_err(status)?;
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers.signal(&req.container_id, &req.exec_id, req.signal, req.all).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let e = p.wait().await;
+        let since = e.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Ok(WaitProcessResponse {
+            exit_status: e.code,
+            exited_at_s: since.as_secs() as i64,
+            exited_at_ns: since.subsec_nanos(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, true).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id, false).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn list_processes(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self.containers.pids(&req.container_id).await.map_err(status)?;
+        Ok(ListProcessesResponse { pids, ..Default::default() })
+    }
+
+    async fn stats_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
+        let runc_stats = self.containers.stats(&req.container_id).await.map_err(status)?;
+        Ok(StatsContainerResponse { runc_stats, ..Default::default() })
+    }
+
+    async fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.update(&req.container_id, &req.resources).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.remove(&req.container_id).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn read_stdout(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        self.read_stream(req, false).await
+    }
+
+    async fn read_stderr(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        self.read_stream(req, true).await
+    }
+
+    async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStreamRequest) -> ttrpc::Result<WriteStreamResponse> {
+        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let len = p.write_stdin(&req.data).await.map_err(status)? as u32;
+        Ok(WriteStreamResponse { len, ..Default::default() })
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        p.close_stdin().await;
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint_container(&self, _ctx: &TtrpcContext, req: CheckpointContainerRequest) -> ttrpc::Result<CheckpointContainerResponse> {
+        let stats = self.containers.checkpoint(&req).await.map_err(status)?;
+        Ok(CheckpointContainerResponse { stats, ..Default::default() })
+    }
+
+    async fn restore_container(&self, _ctx: &TtrpcContext, req: RestoreContainerRequest) -> ttrpc::Result<StartResponse> {
+        let pid = self.containers.restore(&req).await.map_err(status)?;
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
+    async fn criu_check(&self, _ctx: &TtrpcContext, req: CriuCheckRequest) -> ttrpc::Result<CriuCheckResponse> {
+        let r = &self.containers.reaper;
+        let mut args = vec!["check".to_string()];
+        args.extend(req.args.iter().cloned());
+        let out = cmd::run(r, "/usr/sbin/criu", &args, Some(Duration::from_secs(120))).await.map_err(|e| internal(format!("running criu: {e}")))?;
+        let (_, criu_version) = self.versions().await.clone();
+        Ok(CriuCheckResponse {
+            exit_code: if out.timed_out { -1 } else { out.code },
+            output: format!("{}{}", out.stdout, out.stderr),
+            criu_version,
+            ..Default::default()
+        })
+    }
+
+    async fn read_file_tail(&self, _ctx: &TtrpcContext, req: ReadFileTailRequest) -> ttrpc::Result<ReadFileTailResponse> {
+        let (data, file_size) = read_tail(Path::new(&req.path), req.max_bytes.min(MAX_TAIL)).map_err(|e| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, e))
+        })?;
+        Ok(ReadFileTailResponse { data, file_size, ..Default::default() })
+    }
+}
+
+impl AgentService {
+    async fn read_stream(&self, req: ReadStreamRequest, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
+        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let data = p.read(stderr, req.max_len.max(1) as usize).await.map_err(status)?;
+        let eof = data.is_empty();
+        Ok(ReadStreamResponse { data, eof, ..Default::default() })
+    }
+}
+
+/// The last `max` bytes of a file under one of [`READABLE_ROOTS`].
+pub fn read_tail(path: &Path, max: u32) -> Result<(Vec<u8>, u64), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let canon = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
+    if !READABLE_ROOTS.iter().any(|r| canon.starts_with(r)) {
+        return Err(format!("{} is outside the agent's readable directories {READABLE_ROOTS:?}", path.display()));
+    }
+    let mut f = std::fs::File::open(&canon).map_err(|e| format!("{}: {e}", canon.display()))?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    let start = size.saturating_sub(max as u64);
+    f.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    let mut data = Vec::with_capacity((size - start) as usize);
+    f.take(max as u64).read_to_end(&mut data).map_err(|e| e.to_string())?;
+    Ok((data, size))
+}

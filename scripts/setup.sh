@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what kata-rs needs on a Debian 12 host (idempotent; run as root). Used by `make setup`.
+set -euo pipefail
+log() { echo "[setup] $*" >&2; }
+need_apt=()
+for pair in qemu-system-x86_64:qemu-system-x86 cpio:cpio depmod:kmod readelf:binutils xz:xz-utils zstd:zstd \
+            containerd:containerd runc:runc ctr:containerd socat:socat gcc:gcc; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
+[ -x /usr/lib/qemu/virtiofsd ] || need_apt+=(qemu-system-common)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  apt-get -o DPkg::Lock::Timeout=600 -qq update
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
+    $(printf '%s\n' "${need_apt[@]}" | sort -u) >/dev/null
+fi
+# vhost-device-vsock: the hybrid-vsock agent channel where the host has no /dev/vhost-vsock.
+if ! command -v vhost-device-vsock >/dev/null 2>&1; then
+  log "cargo install vhost-device-vsock (about 2 minutes on 2 cores)"
+  CARGO_TARGET_DIR=${KATA_RS_CACHE:-$HOME/.cache/kata-rs}/cargo-target-tools \
+    cargo install --locked --quiet --root /usr/local vhost-device-vsock --version 0.3.0
+fi
+log "host ready: $(qemu-system-x86_64 --version | head -1); $(vhost-device-vsock --version 2>/dev/null || echo vhost-device-vsock)"

@@ -1,0 +1,9 @@
+//! kata-rs shim library: configuration, sandbox (VM + agent) lifecycle, host checks.
+//! The binary `containerd-shim-kata-rs-v2` is a thin edge over this.
+
+pub mod check;
+pub mod config;
+pub mod sandbox;
+
+pub use config::{Config, ConfigError};
+pub use sandbox::{Sandbox, SandboxError};

@@ -1,0 +1,170 @@
+//! Hypervisor settings: the `[hypervisor]` table of `configuration.toml`.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelSetting {
+    /// KVM when `/dev/kvm` really runs the guest kernel, otherwise TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedFs {
+    /// virtio-fs with one virtiofsd per VM.
+    #[default]
+    VirtioFs,
+    /// virtio-9p served by QEMU itself.
+    Virtio9p,
+}
+
+impl SharedFs {
+    /// The name the guest agent understands (kernel parameter `kata_rs.shared_fs`).
+    pub fn guest_name(self) -> &'static str {
+        match self {
+            SharedFs::VirtioFs => "virtiofs",
+            SharedFs::Virtio9p => "9p",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VsockSetting {
+    /// vhost-vsock when `/dev/vhost-vsock` exists, otherwise vhost-user-vsock + vhost-device-vsock.
+    #[default]
+    Auto,
+    /// Kernel vhost-vsock (AF_VSOCK on the host).
+    Vhost,
+    /// vhost-user-vsock-pci served by a vhost-device-vsock daemon (hybrid vsock on the host).
+    VhostUser,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// QEMU binary; a bare name is looked up on PATH.
+    pub qemu_path: PathBuf,
+    /// Guest kernel (vmlinuz) and initramfs built by `make guest-image`.
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// QEMU machine type.
+    pub machine: String,
+    /// `-cpu` model; empty = `host` under KVM, `max` under TCG.
+    pub cpu_model: String,
+    pub accel: AccelSetting,
+    /// Extra guest kernel parameters.
+    pub kernel_params: String,
+    pub shared_fs: SharedFs,
+    pub virtiofsd_path: PathBuf,
+    /// virtiofsd cache mode: auto, always or none.
+    pub virtiofs_cache: String,
+    /// 9p msize in bytes.
+    pub msize_9p: u32,
+    pub vsock: VsockSetting,
+    pub vhost_device_vsock_path: PathBuf,
+    /// How long QEMU may take to open its QMP socket, in seconds.
+    pub qmp_timeout_s: u64,
+    /// Time given to the guest to power off before QEMU is killed, in seconds.
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            qemu_path: "qemu-system-x86_64".into(),
+            kernel: "/usr/share/kata-rs/vmlinuz".into(),
+            initrd: "/usr/share/kata-rs/initramfs.cpio.gz".into(),
+            memory_mib: 2048,
+            vcpus: 2,
+            machine: "q35".into(),
+            cpu_model: String::new(),
+            accel: AccelSetting::Auto,
+            kernel_params: String::new(),
+            shared_fs: SharedFs::VirtioFs,
+            virtiofsd_path: "/usr/lib/qemu/virtiofsd".into(),
+            virtiofs_cache: "auto".into(),
+            msize_9p: 512000,
+            vsock: VsockSetting::Auto,
+            vhost_device_vsock_path: "vhost-device-vsock".into(),
+            qmp_timeout_s: 10,
+            shutdown_timeout_s: 5,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("hypervisor.{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl VmConfig {
+    /// Checks values that serde cannot (ranges, enumerations in strings). Files are checked at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.memory_mib < 256 {
+            return bad("memory_mib", format!("{} MiB is too small: the guest needs at least 256", self.memory_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > 255 {
+            return bad("vcpus", format!("{} is out of range 1..=255", self.vcpus));
+        }
+        if !matches!(self.virtiofs_cache.as_str(), "auto" | "always" | "none") {
+            return bad("virtiofs_cache", format!("{:?} is not one of auto, always, none", self.virtiofs_cache));
+        }
+        if self.msize_9p < 4096 {
+            return bad("msize_9p", format!("{} is below 4096", self.msize_9p));
+        }
+        if self.machine.is_empty() || self.machine.contains(',') {
+            return bad("machine", format!("{:?} is not a QEMU machine type name", self.machine));
+        }
+        if self.kernel_params.contains('\n') {
+            return bad("kernel_params", "must be one line".into());
+        }
+        Ok(())
+    }
+}
+
+/// Resolves a bare program name on PATH; paths with a slash are returned as they are.
+pub fn resolve_program(p: &std::path::Path) -> Option<PathBuf> {
+    if p.components().count() > 1 {
+        return p.exists().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|d| d.join(p)).find(|c| c.is_file())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        VmConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_small_memory_and_bad_cache() {
+        let c = VmConfig { memory_mib: 64, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("memory_mib"));
+        let c = VmConfig { virtiofs_cache: "sometimes".into(), ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("virtiofs_cache"));
+        let c = VmConfig { vcpus: 0, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("vcpus"));
+    }
+
+    #[test]
+    fn resolve_program_finds_sh_on_path() {
+        assert!(resolve_program(std::path::Path::new("sh")).is_some());
+        assert!(resolve_program(std::path::Path::new("/nonexistent/qemu")).is_none());
+    }
+}

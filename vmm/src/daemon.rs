@@ -1,0 +1,142 @@
+//! Helper processes of a VM (QEMU itself, virtiofsd, vhost-device-vsock): spawn, wait for their
+//! socket, stop and reap. Every child gets PR_SET_PDEATHSIG=SIGKILL, so none outlives its owner
+//! even when the owner is killed; `Drop` kills what was not stopped explicitly.
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::process::{Child, Command};
+use tracing::{debug, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start {name} ({program}): {source}")]
+    Spawn {
+        name: &'static str,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} exited before creating {socket} ({status}); its log {log}: {tail}")]
+    EarlyExit { name: &'static str, socket: String, status: String, log: String, tail: String },
+    #[error("{name} did not create {socket} within {waited:?}; its log {log}: {tail}")]
+    NoSocket { name: &'static str, socket: String, waited: Duration, log: String, tail: String },
+}
+
+/// A running helper process, its log file, and the socket it serves.
+pub struct Daemon {
+    pub name: &'static str,
+    child: Child,
+    pub log: PathBuf,
+    pub pid: u32,
+}
+
+/// Last `max` bytes of a file, lossy UTF-8, trimmed.
+pub fn tail_of(path: &Path, max: usize) -> String {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let start = b.len().saturating_sub(max);
+            String::from_utf8_lossy(&b[start..]).trim().to_string()
+        }
+        Err(e) => format!("(cannot read: {e})"),
+    }
+}
+
+impl Daemon {
+    /// Spawns `program args...` with stdout/stderr appended to `log`.
+    pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Result<Daemon, DaemonError> {
+        let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
+        let err = out.try_clone().map_err(spawn_err)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(spawn_err)?;
+        let pid = child.id().unwrap_or(0);
+        debug!(name, pid, program = %program.display(), ?args, "spawned");
+        Ok(Daemon { name, child, log, pid })
+    }
+
+    /// Waits until `socket` exists, failing early if the process exits.
+    pub async fn wait_for_socket(&mut self, socket: &Path, limit: Duration) -> Result<(), DaemonError> {
+        let start = tokio::time::Instant::now();
+        loop {
+            if socket.exists() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(DaemonError::EarlyExit {
+                    name: self.name,
+                    socket: socket.display().to_string(),
+                    status: status.to_string(),
+                    log: self.log.display().to_string(),
+                    tail: tail_of(&self.log, 2000),
+                });
+            }
+            if start.elapsed() > limit {
+                return Err(DaemonError::NoSocket {
+                    name: self.name,
+                    socket: socket.display().to_string(),
+                    waited: limit,
+                    log: self.log.display().to_string(),
+                    tail: tail_of(&self.log, 2000),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Has the process exited? Returns its status if so.
+    pub fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit by itself for up to `grace`, then kills it; always reaps.
+    pub async fn stop(mut self, grace: Duration) -> std::process::ExitStatus {
+        if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
+            return status;
+        }
+        if let Err(e) = self.child.start_kill() {
+            warn!(name = self.name, pid = self.pid, error = %e, "kill failed");
+        }
+        match self.child.wait().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(name = self.name, pid = self.pid, error = %e, "wait failed");
+                std::os::unix::process::ExitStatusExt::from_raw(9)
+            }
+        }
+    }
+
+    /// Sends SIGTERM (a clean stop request).
+    pub fn terminate(&self) {
+        if self.pid != 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
+/// Kills processes recorded in a VM's state file whose command line still names `marker`
+/// (guards against pid reuse). Used by cleanup after the owner died.
+pub fn kill_recorded(pids: &[u32], marker: &str) -> Vec<u32> {
+    let mut killed = Vec::new();
+    for &pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if !marker.is_empty() && cmdline.contains(marker) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            killed.push(pid);
+        }
+    }
+    killed
+}

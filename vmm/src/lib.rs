@@ -1,0 +1,19 @@
+//! kata-rs virtual machine manager: runs one QEMU guest per sandbox.
+//!
+//! - [`config`]: the hypervisor settings (from `configuration.toml`).
+//! - [`cmdline`]: the QEMU command line, built from settings alone (pure, unit tested).
+//! - [`accel`]: KVM when it really runs a guest, else TCG.
+//! - [`qmp`]: the QMP client (the `qapi` crate, async).
+//! - [`daemon`]: helper daemons (virtiofsd, vhost-device-vsock) and process reaping.
+//! - [`vm`]: the lifecycle: start, control, teardown.
+
+pub mod accel;
+pub mod cmdline;
+pub mod config;
+pub mod daemon;
+pub mod qmp;
+pub mod vm;
+
+pub use accel::Accel;
+pub use config::{AccelSetting, SharedFs, VmConfig, VsockSetting};
+pub use vm::{AgentChannel, Vm, VmError, VmSpec};

@@ -1,0 +1,139 @@
+//! QMP client on top of the `qapi` crate (async, tokio): negotiation, commands, events.
+use std::{path::Path, time::Duration};
+
+use futures::StreamExt;
+use qapi::{futures::QapiService, qmp};
+use tokio::{io::WriteHalf, net::UnixStream, sync::broadcast};
+use tracing::{debug, trace};
+
+type Service = QapiService<qapi::futures::QmpStreamTokio<WriteHalf<UnixStream>>>;
+
+/// QMP events kata-rs cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    Stop,
+    Resume,
+    Shutdown { guest: bool, reason: String },
+    GuestPanicked,
+    /// Any other event, by name.
+    Other(String),
+    /// The QMP connection closed (QEMU exited).
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP connect to {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP command {command} failed: {message}")]
+    Command { command: &'static str, message: String },
+    #[error("QMP command {command} timed out after {timeout:?}")]
+    Timeout { command: &'static str, timeout: Duration },
+}
+
+/// A negotiated QMP connection. Events are read by a background task and broadcast.
+pub struct Qmp {
+    service: Service,
+    events: broadcast::Sender<VmEvent>,
+    reader: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Qmp {
+    /// Connects to a QMP unix socket and negotiates capabilities.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let err = |source| QmpError::Connect { path: path.display().to_string(), source };
+        let negotiation = tokio::time::timeout(timeout, qapi::futures::QmpStreamTokio::open_uds(path))
+            .await
+            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(err)?;
+        let stream = tokio::time::timeout(timeout, negotiation.negotiate())
+            .await
+            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(err)?;
+        let (service, mut events_stream) = stream.into_parts();
+        let (tx, _) = broadcast::channel(64);
+        let sender = tx.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(ev) = events_stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        let mapped = map_event(&ev);
+                        trace!(?mapped, "QMP event");
+                        let _ = sender.send(mapped);
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "QMP stream error");
+                        break;
+                    }
+                }
+            }
+            let _ = sender.send(VmEvent::Closed);
+        });
+        Ok(Qmp { service, events: tx, reader, timeout })
+    }
+
+    /// Subscribes to events arriving from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
+        self.events.subscribe()
+    }
+
+    async fn run<C: qapi::qmp::QmpCommand>(&self, name: &'static str, cmd: C) -> Result<C::Ok, QmpError> {
+        match tokio::time::timeout(self.timeout, self.service.execute(cmd)).await {
+            Err(_) => Err(QmpError::Timeout { command: name, timeout: self.timeout }),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(QmpError::Command { command: name, message: e.to_string() }),
+        }
+    }
+
+    /// `query-status`: (running, status name such as "running", "paused", "shutdown").
+    pub async fn query_status(&self) -> Result<(bool, String), QmpError> {
+        let s = self.run("query-status", qmp::query_status {}).await?;
+        let name = serde_json::to_value(s.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        Ok((s.running, name))
+    }
+
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.run("stop", qmp::stop {}).await.map(|_| ())
+    }
+
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.run("cont", qmp::cont {}).await.map(|_| ())
+    }
+
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        self.run("quit", qmp::quit {}).await.map(|_| ())
+    }
+
+    pub async fn system_powerdown(&self) -> Result<(), QmpError> {
+        self.run("system_powerdown", qmp::system_powerdown {}).await.map(|_| ())
+    }
+}
+
+fn map_event(ev: &qmp::Event) -> VmEvent {
+    match ev {
+        qmp::Event::STOP { .. } => VmEvent::Stop,
+        qmp::Event::RESUME { .. } => VmEvent::Resume,
+        qmp::Event::SHUTDOWN { data, .. } => VmEvent::Shutdown {
+            guest: data.guest,
+            reason: serde_json::to_value(data.reason).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+        },
+        qmp::Event::GUEST_PANICKED { .. } => VmEvent::GuestPanicked,
+        other => VmEvent::Other(
+            serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+    }
+}

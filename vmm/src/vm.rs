@@ -1,0 +1,336 @@
+//! One QEMU guest: start (daemons, QEMU, QMP), control, teardown.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    accel::Accel,
+    cmdline::{QemuArgs, VsockDevice},
+    config::{resolve_program, VmConfig},
+    daemon::{kill_recorded, tail_of, Daemon, DaemonError},
+    qmp::{Qmp, QmpError},
+    SharedFs, VsockSetting,
+};
+
+/// Where the agent's vsock port is reached from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentChannel {
+    /// AF_VSOCK to this guest CID.
+    Vsock { cid: u32 },
+    /// Unix socket of vhost-device-vsock (hybrid vsock: `CONNECT <port>\n`).
+    Hybrid { uds: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{what} {path} does not exist: {fix}")]
+    MissingFile { what: &'static str, path: String, fix: &'static str },
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket path {path} is {len} bytes, longer than the 107 a unix socket allows: use a shorter runtime root")]
+    SocketPathTooLong { path: String, len: usize },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("QEMU exited during start ({status}); {log}: {tail}")]
+    QemuExited { status: String, log: String, tail: String },
+    #[error("QEMU did not open its QMP socket: {source}; {log}: {tail}")]
+    Qmp {
+        #[source]
+        source: QmpError,
+        log: String,
+        tail: String,
+    },
+    #[error("writing the VM state file {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What is needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Sandbox id, used in the QEMU process name.
+    pub id: String,
+    /// Private runtime directory of this VM (sockets, logs, state).
+    pub dir: PathBuf,
+    /// Host directory shared into the guest.
+    pub shared_dir: PathBuf,
+    pub config: VmConfig,
+    pub accel: Accel,
+    pub extra_kernel_params: Vec<String>,
+}
+
+/// Processes recorded on disk, so that a later `delete` can clean up after a dead owner.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct VmState {
+    pub pids: Vec<u32>,
+    /// A string every recorded process has in its command line (the VM directory).
+    pub marker: String,
+}
+
+pub const STATE_FILE: &str = "vm.json";
+
+/// A running VM. Dropping it kills every process it owns; [`Vm::shutdown`] stops them cleanly.
+pub struct Vm {
+    dir: PathBuf,
+    qemu: Option<Daemon>,
+    daemons: Vec<Daemon>,
+    qmp: Qmp,
+    agent: AgentChannel,
+    console_log: PathBuf,
+    shutdown_timeout: Duration,
+    pub accel: Accel,
+}
+
+fn check_socket_path(p: &Path) -> Result<(), VmError> {
+    let len = p.as_os_str().len();
+    if len > 107 {
+        return Err(VmError::SocketPathTooLong { path: p.display().to_string(), len });
+    }
+    Ok(())
+}
+
+fn check_file(what: &'static str, p: &Path, fix: &'static str) -> Result<(), VmError> {
+    if p.is_file() {
+        Ok(())
+    } else {
+        Err(VmError::MissingFile { what, path: p.display().to_string(), fix })
+    }
+}
+
+impl Vm {
+    /// Starts the helper daemons and QEMU, and connects QMP. Does not wait for the guest agent.
+    pub async fn start(spec: VmSpec) -> Result<Vm, VmError> {
+        let c = &spec.config;
+        let make_guest_image = "build it with 'make guest-image' or set hypervisor.kernel/initrd in configuration.toml";
+        check_file("guest kernel", &c.kernel, make_guest_image)?;
+        check_file("guest initramfs", &c.initrd, make_guest_image)?;
+        let qemu_path = resolve_program(&c.qemu_path).ok_or_else(|| VmError::MissingFile {
+            what: "QEMU binary",
+            path: c.qemu_path.display().to_string(),
+            fix: "install qemu-system-x86 (make setup) or set hypervisor.qemu_path",
+        })?;
+        for d in [&spec.dir, &spec.shared_dir] {
+            std::fs::create_dir_all(d).map_err(|source| VmError::Dir { path: d.display().to_string(), source })?;
+        }
+        let dir = &spec.dir;
+        let qmp_socket = dir.join("qmp.sock");
+        let console_log = dir.join("console.log");
+        check_socket_path(&qmp_socket)?;
+        let mut daemons = Vec::new();
+        let mut state = VmState { pids: vec![], marker: dir.display().to_string() };
+        let state_path = dir.join(STATE_FILE);
+        let save_state = |state: &VmState| {
+            std::fs::write(&state_path, serde_json::to_vec(state).expect("serializable"))
+                .map_err(|source| VmError::State { path: state_path.display().to_string(), source })
+        };
+
+        // Agent channel.
+        let use_vhost = match c.vsock {
+            VsockSetting::Vhost => true,
+            VsockSetting::VhostUser => false,
+            VsockSetting::Auto => Path::new("/dev/vhost-vsock").exists(),
+        };
+        let (vsock, agent) = if use_vhost {
+            let cid = guest_cid();
+            (VsockDevice::Vhost { guest_cid: cid }, AgentChannel::Vsock { cid })
+        } else {
+            let program = resolve_program(&c.vhost_device_vsock_path).ok_or_else(|| VmError::MissingFile {
+                what: "vhost-device-vsock",
+                path: c.vhost_device_vsock_path.display().to_string(),
+                fix: "install it with 'make setup' (cargo install vhost-device-vsock) or set hypervisor.vhost_device_vsock_path",
+            })?;
+            let socket = dir.join("vhu-vsock.sock");
+            let uds = dir.join("vsock.sock");
+            check_socket_path(&socket)?;
+            check_socket_path(&uds)?;
+            let _ = std::fs::remove_file(&socket);
+            let _ = std::fs::remove_file(&uds);
+            let args = vec![
+                "--guest-cid=3".to_string(),
+                format!("--socket={}", socket.display()),
+                format!("--uds-path={}", uds.display()),
+            ];
+            let mut d = Daemon::spawn("vhost-device-vsock", &program, &args, dir.join("vhost-device-vsock.log"))?;
+            state.pids.push(d.pid);
+            save_state(&state)?;
+            d.wait_for_socket(&socket, Duration::from_secs(5)).await?;
+            daemons.push(d);
+            (VsockDevice::VhostUser { socket }, AgentChannel::Hybrid { uds })
+        };
+
+        // Shared filesystem.
+        let virtiofsd_socket = if c.shared_fs == SharedFs::VirtioFs {
+            let program = resolve_program(&c.virtiofsd_path).ok_or_else(|| VmError::MissingFile {
+                what: "virtiofsd",
+                path: c.virtiofsd_path.display().to_string(),
+                fix: "install qemu-system-x86 (make setup), set hypervisor.virtiofsd_path, or use shared_fs = \"virtio-9p\"",
+            })?;
+            let socket = dir.join("vfs.sock");
+            check_socket_path(&socket)?;
+            let _ = std::fs::remove_file(&socket);
+            let args = virtiofsd_args(&program, &socket, &spec.shared_dir, &c.virtiofs_cache);
+            let mut d = Daemon::spawn("virtiofsd", &program, &args, dir.join("virtiofsd.log"))?;
+            state.pids.push(d.pid);
+            save_state(&state)?;
+            d.wait_for_socket(&socket, Duration::from_secs(5)).await?;
+            daemons.push(d);
+            Some(socket)
+        } else {
+            None
+        };
+
+        let _ = std::fs::remove_file(&qmp_socket);
+        let _ = std::fs::remove_file(&console_log);
+        let args = QemuArgs {
+            config: c,
+            accel: spec.accel,
+            name: &spec.id,
+            qmp_socket: qmp_socket.clone(),
+            console_log: console_log.clone(),
+            vsock,
+            virtiofsd_socket,
+            shared_dir: spec.shared_dir.clone(),
+            extra_kernel_params: spec.extra_kernel_params.clone(),
+        }
+        .build();
+        let qemu_log = dir.join("qemu.log");
+        let mut qemu = Daemon::spawn("qemu", &qemu_path, &args, qemu_log.clone())?;
+        state.pids.push(qemu.pid);
+        save_state(&state)?;
+        let limit = Duration::from_secs(c.qmp_timeout_s);
+        if let Err(e) = qemu.wait_for_socket(&qmp_socket, limit).await {
+            let status = qemu.try_exited();
+            let tail = tail_of(&qemu_log, 2000);
+            let log = qemu_log.display().to_string();
+            let err = match status {
+                Some(s) => VmError::QemuExited { status: s.to_string(), log, tail },
+                None => VmError::Daemon(e),
+            };
+            teardown(Some(qemu), daemons, Duration::ZERO).await;
+            return Err(err);
+        }
+        let qmp = match Qmp::connect(&qmp_socket, limit).await {
+            Ok(q) => q,
+            Err(source) => {
+                let tail = tail_of(&qemu_log, 2000);
+                teardown(Some(qemu), daemons, Duration::ZERO).await;
+                return Err(VmError::Qmp { source, log: qemu_log.display().to_string(), tail });
+            }
+        };
+        info!(id = %spec.id, accel = %spec.accel, qemu_pid = qemu.pid, "VM started");
+        Ok(Vm {
+            dir: dir.clone(),
+            qemu: Some(qemu),
+            daemons,
+            qmp,
+            agent,
+            console_log,
+            shutdown_timeout: Duration::from_secs(c.shutdown_timeout_s),
+            accel: spec.accel,
+        })
+    }
+
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    pub fn agent_channel(&self) -> &AgentChannel {
+        &self.agent
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// The last `max` bytes the guest wrote on its serial console.
+    pub fn console_tail(&self, max: usize) -> String {
+        tail_of(&self.console_log, max)
+    }
+
+    /// Pids of QEMU and every helper daemon.
+    pub fn pids(&self) -> Vec<u32> {
+        self.qemu.iter().chain(self.daemons.iter()).map(|d| d.pid).collect()
+    }
+
+    /// Has QEMU exited?
+    pub fn qemu_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.qemu.as_mut().and_then(|q| q.try_exited())
+    }
+
+    /// Stops the VM: QMP `quit`, then waits, kills what remains, and reaps QEMU and every daemon.
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.qmp.quit().await {
+            warn!(error = %e, "QMP quit failed; killing QEMU");
+        }
+        let grace = self.shutdown_timeout;
+        teardown(self.qemu.take(), std::mem::take(&mut self.daemons), grace).await;
+        let _ = std::fs::remove_file(self.dir.join(STATE_FILE));
+        info!(dir = %self.dir.display(), "VM stopped");
+    }
+}
+
+async fn teardown(qemu: Option<Daemon>, daemons: Vec<Daemon>, grace: Duration) {
+    if let Some(q) = qemu {
+        q.stop(grace).await;
+    }
+    for d in daemons {
+        d.terminate();
+        d.stop(Duration::from_secs(1)).await;
+    }
+}
+
+/// Kills what a dead owner left behind in `dir` (from its state file). Returns the pids killed.
+pub fn cleanup_dir(dir: &Path) -> Vec<u32> {
+    let path = dir.join(STATE_FILE);
+    let Ok(text) = std::fs::read(&path) else { return vec![] };
+    let Ok(state) = serde_json::from_slice::<VmState>(&text) else { return vec![] };
+    let killed = kill_recorded(&state.pids, &state.marker);
+    let _ = std::fs::remove_file(&path);
+    killed
+}
+
+fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str) -> Vec<String> {
+    // The C virtiofsd of QEMU <= 7.2 takes `-o` options; the Rust virtiofsd takes long flags.
+    let rust_style = std::process::Command::new(program)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--shared-dir") || String::from_utf8_lossy(&o.stderr).contains("--shared-dir"))
+        .unwrap_or(false);
+    if rust_style {
+        vec![
+            format!("--socket-path={}", socket.display()),
+            format!("--shared-dir={}", shared.display()),
+            format!("--cache={cache}"),
+            "--sandbox=none".into(),
+        ]
+    } else {
+        vec![
+            format!("--socket-path={}", socket.display()),
+            "-o".into(),
+            format!("source={}", shared.display()),
+            "-o".into(),
+            format!("cache={cache}"),
+        ]
+    }
+}
+
+/// A guest CID unlikely to collide with other VMs on the host (3 and above).
+fn guest_cid() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    3 + ((std::process::id() ^ t) % 0x3fff_0000)
+}
