@@ -196,6 +196,13 @@ fn runc_log_error(log: &Path) -> String {
     tail.join("; ")
 }
 
+/// A runc failure; runc's own message often repeats "<what> failed: ", which is dropped.
+fn runc_err(what: String, detail: &str) -> ContainerError {
+    let prefix = format!("{what} failed: ");
+    let detail = detail.strip_prefix(&prefix).unwrap_or(detail).to_string();
+    ContainerError::Runc { what, detail }
+}
+
 /// Runs `runc <args>` (global flags added) with captured output; an error names the runc log's message.
 pub async fn runc(reaper: &Arc<Reaper>, id: &str, args: &[&str], deadline: Option<Duration>) -> Result<cmd::Output> {
     let log = Path::new(CONTAINERS_DIR).join(id).join("runc.log");
@@ -210,7 +217,7 @@ pub async fn runc(reaper: &Arc<Reaper>, id: &str, args: &[&str], deadline: Optio
         if out.timed_out {
             detail = format!("timed out; {detail}");
         }
-        return Err(ContainerError::Runc { what: format!("runc {}", args.first().unwrap_or(&"")), detail });
+        return Err(runc_err(format!("runc {}", args.first().unwrap_or(&"")), &detail));
     }
     Ok(out)
 }
@@ -276,7 +283,7 @@ impl Containers {
             if !out.ok() {
                 let detail = runc_log_error(&bundle.join("runc.log"));
                 let _ = fs::remove_dir_all(&bundle);
-                return Err(ContainerError::Runc { what: "runc create".into(), detail });
+                return Err(runc_err("runc create".into(), &detail));
             }
             let pid = read_pid(&pid_file)?;
             init.watch_exit(&self.reaper, pid);
@@ -339,7 +346,7 @@ impl Containers {
             .stderr(Stdio::from(child.stderr));
         let out = cmd::run_command(&self.reaper, cmd_, Some(Duration::from_secs(60))).await.map_err(io("running runc exec"))?;
         if !out.ok() {
-            return Err(ContainerError::Runc { what: "runc exec".into(), detail: runc_log_error(&c.bundle.join("runc.log")) });
+            return Err(runc_err("runc exec".into(), &runc_log_error(&c.bundle.join("runc.log"))));
         }
         let pid = read_pid(&pid_file)?;
         proc_.watch_exit(&self.reaper, pid);
@@ -485,7 +492,7 @@ impl Containers {
         let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
         let out = cmd::run_command(&self.reaper, cmd_, deadline).await.map_err(io("running runc restore"))?;
         if !out.ok() {
-            let e = ContainerError::Runc { what: "runc restore".into(), detail: runc_log_error(&c.bundle.join("runc.log")) };
+            let e = runc_err("runc restore".into(), &runc_log_error(&c.bundle.join("runc.log")));
             return Err(with_criu_log(e, &req.work_path, "restore.log"));
         }
         let pid = read_pid(&pid_file)?;
