@@ -19,6 +19,10 @@ const PROBE_MARKER: &str = "KATA_RS_PROBE_OK";
 
 fn main() {
     let pid1 = std::process::id() == 1;
+    // The kernel starts init without PATH; runc looks up `criu`, CRIU looks up `ip`, `tar`, `iptables-restore`.
+    if pid1 || std::env::var_os("PATH").is_none() {
+        std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    }
     if let Err(e) = run(pid1) {
         init::console(&format!("criu-bridge: fatal: {e:#}"));
         if pid1 {
