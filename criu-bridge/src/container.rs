@@ -159,13 +159,14 @@ pub enum Status {
 }
 
 pub struct Container {
-    pub id: String,
     pub bundle: PathBuf,
     pub init: Arc<Process>,
     pub execs: HashMap<String, Arc<Process>>,
     pub status: Status,
     /// Stdio for the first start/restore, kept until runc takes it.
     pending_stdio: Option<ChildStdio>,
+    /// Guest paths CRIU must treat as external mounts (used by checkpoint).
+    #[allow(dead_code)]
     pub external_mounts: Vec<String>,
 }
 
@@ -244,7 +245,7 @@ impl Containers {
     }
 
     /// Writes the bundle and, unless it will be restored from images, runs `runc create`.
-    pub async fn create(&self, id: &str, spec: &[u8], rootfs: &str, external_mounts: Vec<String>, for_restore: bool) -> Result<()> {
+    pub async fn create(&self, id: &str, spec: &[u8], rootfs: &str, external_mounts: Vec<String>, for_restore: bool) -> Result<u32> {
         valid_id(id)?;
         if self.map.lock().await.contains_key(id) {
             return Err(ContainerError::Exists(id.into()));
@@ -289,8 +290,8 @@ impl Containers {
             init.watch_exit(&self.reaper, pid);
             None
         };
+        let pid = init.pid;
         let c = Container {
-            id: id.into(),
             bundle,
             init: Arc::new(init),
             execs: HashMap::new(),
@@ -299,8 +300,8 @@ impl Containers {
             external_mounts,
         };
         self.map.lock().await.insert(id.into(), Arc::new(Mutex::new(c)));
-        info!(id, for_restore, "container created");
-        Ok(())
+        info!(id, for_restore, pid, "container created");
+        Ok(pid)
     }
 
     pub async fn start(&self, id: &str) -> Result<u32> {

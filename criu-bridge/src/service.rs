@@ -71,12 +71,13 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(r)
     }
 
-    async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
-        self.containers
+    async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<StartResponse> {
+        let pid = self
+            .containers
             .create(&req.container_id, &req.oci_spec, &req.rootfs, req.external_mounts.clone(), req.for_restore)
             .await
             .map_err(status)?;
-        Ok(Empty::new())
+        Ok(StartResponse { pid, ..Default::default() })
     }
 
     async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StartResponse> {

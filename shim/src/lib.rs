@@ -3,7 +3,13 @@
 
 pub mod check;
 pub mod config;
+pub mod metrics;
+pub mod mounts;
 pub mod sandbox;
+pub mod shimcmd;
+pub mod spec;
+pub mod stdio;
+pub mod task;
 
 pub use config::{Config, ConfigError};
 pub use sandbox::{Sandbox, SandboxError};

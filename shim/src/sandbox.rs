@@ -104,6 +104,15 @@ impl Sandbox {
         Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, boot_time })
     }
 
+    /// Stops the VM, removes the container's mounts, then the sandbox directory.
+    pub async fn stop_keep_mounts(self, mounts: &crate::mounts::ContainerMounts) {
+        self.vm.shutdown().await;
+        mounts.teardown();
+        if let Err(e) = remove_dir_all_no_follow(&self.dir) {
+            warn!(dir = %self.dir.display(), error = %e, "removing the sandbox directory");
+        }
+    }
+
     /// Stops the VM and its daemons and removes the sandbox directory.
     pub async fn stop(self) {
         self.vm.shutdown().await;

@@ -8,6 +8,8 @@ use std::{
 use agent_client::{agent::*, AgentClient, AgentError};
 use kata_rs_shim::{Config, Sandbox};
 
+pub mod containerd;
+
 /// The guest image directory: `$KATA_RS_GUEST_DIR`, else `build/guest/bookworm` of this checkout.
 pub fn guest_dir() -> PathBuf {
     let d = std::env::var_os("KATA_RS_GUEST_DIR")

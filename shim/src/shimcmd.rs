@@ -1,0 +1,78 @@
+//! The shim process itself: `start` (daemonize, print the address), `delete` (clean up after a dead
+//! shim), and serving the task service — via the `containerd-shim` crate (0.11, task API v2).
+use std::{path::PathBuf, sync::Arc};
+
+use async_trait::async_trait;
+use containerd_shim::{
+    api::DeleteResponse,
+    asynchronous::{publisher::RemotePublisher, spawn, util::write_str_to_file, ExitSignal, Shim},
+    Config as ShimConfig, Flags, StartOpts,
+};
+use tracing::{info, warn};
+
+use crate::{config::Config, mounts, sandbox, task::TaskService};
+
+pub const RUNTIME_ID: &str = "io.containerd.kata-rs.v2";
+
+pub struct KataShim {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+}
+
+/// How containerd-shim must behave for us: we reap our own children (QEMU and its daemons are
+/// tokio children) and log through `tracing`.
+pub fn shim_config() -> ShimConfig {
+    ShimConfig { no_setup_logger: true, default_log_level: "info".into(), no_reaper: true, no_sub_reaper: true }
+}
+
+/// Kills and removes what a shim of container `id` left behind: VM processes, mounts, directories.
+pub fn cleanup_after_dead_shim(config: &Config, id: &str, bundle: &std::path::Path) -> Vec<u32> {
+    let dir = sandbox::Sandbox::dir_for(config, id);
+    let killed = vmm::vm::cleanup_dir(&dir);
+    mounts::unmount_if_mounted(&mounts::shared_rootfs(&dir.join("shared"), id));
+    mounts::unmount_if_mounted(&bundle.join("rootfs"));
+    if let Err(e) = sandbox::remove_dir_all_no_follow(&dir) {
+        warn!(dir = %dir.display(), error = %e, "removing the sandbox directory");
+    }
+    killed
+}
+
+#[async_trait]
+impl Shim for KataShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        let bundle = if args.bundle.is_empty() { std::env::current_dir().unwrap_or_default() } else { PathBuf::from(&args.bundle) };
+        KataShim { exit: Arc::new(ExitSignal::default()), id: args.id.clone(), namespace: args.namespace.clone(), bundle }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // One shim (and one VM) per container.
+        let grouping = opts.id.clone();
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let config = Config::discover(None).unwrap_or_default();
+        let killed = cleanup_after_dead_shim(&config, &self.id, &self.bundle);
+        info!(id = %self.id, ?killed, "cleaned up after a dead shim");
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(containerd_shim::util::timestamp()?).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        TaskService::new(publisher, self.namespace.clone(), self.exit.clone())
+    }
+}

@@ -1,0 +1,501 @@
+//! containerd's task service (API v2) for one container in its own VM.
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use agent_client::{agent as ag, AgentClient};
+use async_trait::async_trait;
+use containerd_shim::{
+    api::*,
+    asynchronous::{publisher::RemotePublisher, ExitSignal},
+    protos::{
+        events::task::*,
+        protobuf::{well_known_types::timestamp::Timestamp, MessageDyn},
+        shim_async::Task,
+        topics::*,
+        ttrpc::{self, r#async::TtrpcContext, Code},
+    },
+    util::{convert_to_any, timestamp},
+};
+use tokio::{sync::{watch, Mutex}, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{config::Config, mounts, sandbox::Sandbox, spec, stdio};
+
+/// Agent calls that last as long as the process does.
+const LONG: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long Wait waits for the last output after a process exited.
+const IO_DRAIN: Duration = Duration::from_secs(10);
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn agent_err(e: agent_client::AgentError) -> ttrpc::Error {
+    let s = e.to_string();
+    let code = if s.contains("(NOT_FOUND)") {
+        Code::NOT_FOUND
+    } else if s.contains("(INVALID_ARGUMENT)") {
+        Code::INVALID_ARGUMENT
+    } else if s.contains("(ALREADY_EXISTS)") {
+        Code::ALREADY_EXISTS
+    } else {
+        Code::INTERNAL
+    };
+    err(code, s)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PStatus {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+type ExitInfo = Option<(u32, Timestamp)>;
+
+struct Proc {
+    pid: u32,
+    status: PStatus,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// Exec processes: the OCI process (JSON), kept until Start.
+    spec: Vec<u8>,
+    exit_tx: Arc<watch::Sender<ExitInfo>>,
+    exit_rx: watch::Receiver<ExitInfo>,
+    io: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Proc {
+        let (tx, rx) = watch::channel(None);
+        Proc {
+            pid: 0,
+            status: PStatus::Created,
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal,
+            spec: vec![],
+            exit_tx: Arc::new(tx),
+            exit_rx: rx,
+            io: vec![],
+        }
+    }
+
+    fn start_io(&mut self, agent: &AgentClient, cid: &str, exec_id: &str) {
+        let a = || agent.clone();
+        self.io.push(tokio::spawn(stdio::forward_output(a(), cid.into(), exec_id.into(), self.stdout.clone(), false)));
+        self.io.push(tokio::spawn(stdio::forward_output(a(), cid.into(), exec_id.into(), self.stderr.clone(), true)));
+        if !self.stdin.is_empty() {
+            tokio::spawn(stdio::forward_input(a(), cid.into(), exec_id.into(), self.stdin.clone()));
+        }
+    }
+}
+
+struct TaskState {
+    id: String,
+    bundle: PathBuf,
+    sandbox: Option<Sandbox>,
+    agent: AgentClient,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    mounts: mounts::ContainerMounts,
+}
+
+impl TaskState {
+    fn proc_mut(&mut self, exec_id: &str) -> ttrpc::Result<&mut Proc> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs.get_mut(exec_id).ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {} not found", self.id)))
+    }
+}
+
+#[derive(Clone)]
+pub struct TaskService {
+    state: Arc<Mutex<Option<TaskState>>>,
+    publisher: Arc<RemotePublisher>,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+}
+
+impl TaskService {
+    pub fn new(publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
+        TaskService { state: Arc::new(Mutex::new(None)), publisher: Arc::new(publisher), namespace, exit }
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self.publisher.publish(ttrpc::context::Context::default(), topic, &self.namespace, event).await {
+            warn!(topic, error = %e, "publishing event failed");
+        }
+    }
+
+    /// Waits for a started process to exit, lets its output drain, then records and publishes the exit.
+    fn spawn_waiter(&self, agent: AgentClient, cid: String, exec_id: String, pid: u32) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let req = ag::ProcessRequest { container_id: cid.clone(), exec_id: exec_id.clone(), ..Default::default() };
+            let code = match agent.call("WaitProcess", LONG, |c, ctx| async move { c.wait_process(ctx, &req).await }).await {
+                Ok(r) => r.exit_status as u32,
+                Err(e) => {
+                    warn!(cid, exec_id, error = %e, "lost the process (VM gone?); reporting exit 255");
+                    255
+                }
+            };
+            let ts = timestamp().unwrap_or_default();
+            let (io, tx) = {
+                let mut g = me.state.lock().await;
+                let Some(st) = g.as_mut() else { return };
+                let Ok(p) = st.proc_mut(&exec_id) else { return };
+                (std::mem::take(&mut p.io), p.exit_tx.clone())
+            };
+            for h in io {
+                let _ = tokio::time::timeout(IO_DRAIN, h).await;
+            }
+            {
+                let mut g = me.state.lock().await;
+                if let Some(p) = g.as_mut().and_then(|st| st.proc_mut(&exec_id).ok()) {
+                    p.status = PStatus::Stopped;
+                }
+            }
+            let _ = tx.send(Some((code, ts.clone())));
+            info!(cid, exec_id, code, "process exited");
+            let id = if exec_id.is_empty() { cid.clone() } else { exec_id.clone() };
+            me.publish(TASK_EXIT_EVENT_TOPIC, Box::new(TaskExit { container_id: cid, id, pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }))
+                .await;
+        });
+    }
+
+    async fn create_inner(&self, req: &CreateTaskRequest) -> ttrpc::Result<TaskState> {
+        if !req.checkpoint.is_empty() {
+            return Err(err(Code::UNIMPLEMENTED, "restore from a checkpoint is not implemented by kata-rs yet"));
+        }
+        if req.terminal {
+            return Err(err(Code::UNIMPLEMENTED, "terminal (tty) containers are not supported by kata-rs yet"));
+        }
+        let config = Config::discover(None).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let bundle = PathBuf::from(&req.bundle);
+        let raw = std::fs::read(bundle.join("config.json")).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
+        let adapted = spec::adapt_for_guest(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
+            warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
+        }
+        let sandbox_dir = Sandbox::dir_for(&config, &req.id);
+        let mounts = mounts::ContainerMounts::setup(&bundle, &req.rootfs, &sandbox_dir.join("shared"), &req.id)
+            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let sandbox = match Sandbox::start(&config, &req.id).await {
+            Ok(s) => s,
+            Err(e) => {
+                mounts.teardown();
+                let _ = crate::sandbox::remove_dir_all_no_follow(&sandbox_dir);
+                return Err(err(Code::INTERNAL, e.to_string()));
+            }
+        };
+        let agent = sandbox.agent.clone();
+        let creq = ag::CreateContainerRequest {
+            container_id: req.id.clone(),
+            oci_spec: adapted.spec,
+            rootfs: format!("/run/kata-rs/shared/{}/rootfs", req.id),
+            ..Default::default()
+        };
+        let pid = match agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &creq).await }).await {
+            Ok(r) => r.pid,
+            Err(e) => {
+                sandbox.stop_keep_mounts(&mounts).await;
+                return Err(agent_err(e));
+            }
+        };
+        let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        init.pid = pid;
+        init.start_io(&agent, &req.id, "");
+        Ok(TaskState { id: req.id.clone(), bundle, sandbox: Some(sandbox), agent, init, execs: HashMap::new(), mounts })
+    }
+
+    /// Stops the VM and removes mounts and directories (idempotent).
+    async fn teardown(st: &mut TaskState) {
+        if let Some(sb) = st.sandbox.take() {
+            let req = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
+            let _ = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await;
+            sb.stop_keep_mounts(&st.mounts).await;
+        }
+    }
+}
+
+fn status_of(s: PStatus) -> Status {
+    match s {
+        PStatus::Created => Status::CREATED,
+        PStatus::Running => Status::RUNNING,
+        PStatus::Paused => Status::PAUSED,
+        PStatus::Stopped => Status::STOPPED,
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
+        let mut g = self.state.lock().await;
+        if g.is_some() {
+            return Err(err(Code::ALREADY_EXISTS, format!("this shim already runs a task; {} cannot be added", req.id)));
+        }
+        info!(id = %req.id, bundle = %req.bundle, "create");
+        let st = self.create_inner(&req).await?;
+        let pid = st.init.pid;
+        *g = Some(st);
+        drop(g);
+        self.publish(
+            TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: Some(TaskIO { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal, ..Default::default() }).into(),
+                checkpoint: req.checkpoint.clone(),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(CreateTaskResponse { pid, ..Default::default() })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let mut g = self.state.lock().await;
+        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        let agent = st.agent.clone();
+        let cid = st.id.clone();
+        let p = st.proc_mut(&req.exec_id)?;
+        if p.status != PStatus::Created {
+            return Err(err(Code::FAILED_PRECONDITION, format!("process {}/{} is not in the created state", cid, req.exec_id)));
+        }
+        let pid = if req.exec_id.is_empty() {
+            let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
+            agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &r).await }).await.map_err(agent_err)?.pid
+        } else {
+            let r = ag::ExecProcessRequest { container_id: cid.clone(), exec_id: req.exec_id.clone(), process: p.spec.clone(), ..Default::default() };
+            let pid = agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map_err(agent_err)?.pid;
+            p.start_io(&agent, &cid, &req.exec_id);
+            pid
+        };
+        p.pid = pid;
+        p.status = PStatus::Running;
+        drop(g);
+        self.spawn_waiter(agent, cid.clone(), req.exec_id.clone(), pid);
+        if req.exec_id.is_empty() {
+            self.publish(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid, pid, ..Default::default() })).await;
+        } else {
+            self.publish(TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(TaskExecStarted { container_id: cid, exec_id: req.exec_id, pid, ..Default::default() })).await;
+        }
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let mut g = self.state.lock().await;
+        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        let (id, bundle) = (st.id.clone(), st.bundle.display().to_string());
+        let p = st.proc_mut(&req.exec_id)?;
+        let exit = p.exit_rx.borrow().clone();
+        Ok(StateResponse {
+            id,
+            bundle,
+            pid: p.pid,
+            status: status_of(p.status).into(),
+            stdin: p.stdin.clone(),
+            stdout: p.stdout.clone(),
+            stderr: p.stderr.clone(),
+            terminal: p.terminal,
+            exit_status: exit.as_ref().map(|e| e.0).unwrap_or(0),
+            exited_at: exit.map(|e| e.1).into(),
+            exec_id: req.exec_id,
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let mut rx = {
+            let mut g = self.state.lock().await;
+            let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            st.proc_mut(&req.exec_id)?.exit_rx.clone()
+        };
+        loop {
+            if let Some((code, ts)) = rx.borrow_and_update().clone() {
+                return Ok(WaitResponse { exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
+            }
+            if rx.changed().await.is_err() {
+                return Err(err(Code::INTERNAL, "process state lost"));
+            }
+        }
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let (agent, cid) = {
+            let mut g = self.state.lock().await;
+            let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            let cid = st.id.clone();
+            let agent = st.agent.clone();
+            let p = st.proc_mut(&req.exec_id)?;
+            if p.status == PStatus::Stopped {
+                return Err(err(Code::NOT_FOUND, format!("process {cid}/{} already finished", req.exec_id)));
+            }
+            (agent, cid)
+        };
+        let r = ag::SignalProcessRequest { container_id: cid, exec_id: req.exec_id, signal: req.signal, all: req.all, ..Default::default() };
+        agent.call_default("SignalProcess", |c, ctx| async move { c.signal_process(ctx, &r).await }).await.map_err(agent_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        if req.terminal {
+            return Err(err(Code::UNIMPLEMENTED, "terminal (tty) exec is not supported by kata-rs yet"));
+        }
+        let mut g = self.state.lock().await;
+        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        if st.execs.contains_key(&req.exec_id) {
+            return Err(err(Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
+        }
+        let mut p = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        p.spec = req.spec.value.clone();
+        st.execs.insert(req.exec_id.clone(), p);
+        let cid = st.id.clone();
+        drop(g);
+        self.publish(TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(TaskExecAdded { container_id: cid, exec_id: req.exec_id, ..Default::default() })).await;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, _req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        // No terminal containers yet: nothing to resize.
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        let (agent, cid) = {
+            let g = self.state.lock().await;
+            let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            (st.agent.clone(), st.id.clone())
+        };
+        if req.stdin {
+            stdio::close_stdin(&agent, &cid, &req.exec_id).await;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
+        self.pause_resume(&req.id, true).await
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
+        self.pause_resume(&req.id, false).await
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let (agent, cid) = self.agent_of(&req.id).await?;
+        let r = ag::ContainerRequest { container_id: cid, ..Default::default() };
+        let pids = agent.call_default("ListProcesses", |c, ctx| async move { c.list_processes(ctx, &r).await }).await.map_err(agent_err)?.pids;
+        let processes = pids.into_iter().map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
+        Ok(PidsResponse { processes, ..Default::default() })
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let (agent, cid) = self.agent_of(&req.id).await?;
+        let r = ag::ContainerRequest { container_id: cid, ..Default::default() };
+        let raw = agent.call_default("StatsContainer", |c, ctx| async move { c.stats_container(ctx, &r).await }).await.map_err(agent_err)?;
+        let m = crate::metrics::from_runc_stats(&raw.runc_stats).map_err(|e| err(Code::INTERNAL, e))?;
+        let any = convert_to_any(Box::new(m)).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        Ok(StatsResponse { stats: Some(any).into(), ..Default::default() })
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        let (agent, cid) = self.agent_of(&req.id).await?;
+        let r = ag::UpdateContainerRequest { container_id: cid, resources: req.resources.value.clone(), ..Default::default() };
+        agent.call_default("UpdateContainer", |c, ctx| async move { c.update_container(ctx, &r).await }).await.map_err(agent_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
+        let g = self.state.lock().await;
+        let task_pid = g.as_ref().filter(|st| st.id == req.id).map(|st| st.init.pid).unwrap_or(0);
+        Ok(ConnectResponse { shim_pid: std::process::id(), task_pid, version: env!("CARGO_PKG_VERSION").into(), ..Default::default() })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
+        let mut g = self.state.lock().await;
+        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        if !req.exec_id.is_empty() {
+            let p = st.execs.get(&req.exec_id).ok_or_else(|| err(Code::NOT_FOUND, format!("exec {} not found", req.exec_id)))?;
+            if matches!(p.status, PStatus::Running | PStatus::Paused) {
+                return Err(err(Code::FAILED_PRECONDITION, format!("exec {} is still running", req.exec_id)));
+            }
+            let p = st.execs.remove(&req.exec_id).expect("checked");
+            let (code, ts) = p.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
+            return Ok(DeleteResponse { pid: p.pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
+        }
+        if matches!(st.init.status, PStatus::Running | PStatus::Paused) {
+            return Err(err(Code::FAILED_PRECONDITION, format!("task {} is still running; kill it first", st.id)));
+        }
+        let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
+        let pid = st.init.pid;
+        TaskService::teardown(st).await;
+        let cid = st.id.clone();
+        *g = None;
+        drop(g);
+        info!(id = %cid, "deleted; VM stopped");
+        self.publish(
+            TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete { container_id: cid.clone(), pid, exit_status: code, exited_at: Some(ts.clone()).into(), id: cid, ..Default::default() }),
+        )
+        .await;
+        Ok(DeleteResponse { pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        let mut g = self.state.lock().await;
+        if let Some(st) = g.as_mut() {
+            TaskService::teardown(st).await;
+        }
+        *g = None;
+        self.exit.signal();
+        Ok(Empty::new())
+    }
+
+    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        Err(err(Code::UNIMPLEMENTED, "checkpoint through containerd is not implemented by kata-rs yet"))
+    }
+}
+
+impl TaskService {
+    async fn agent_of(&self, id: &str) -> ttrpc::Result<(AgentClient, String)> {
+        let g = self.state.lock().await;
+        let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
+        Ok((st.agent.clone(), st.id.clone()))
+    }
+
+    async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<Empty> {
+        let mut g = self.state.lock().await;
+        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
+        let want_from = if pause { PStatus::Running } else { PStatus::Paused };
+        if st.init.status != want_from {
+            return Err(err(Code::FAILED_PRECONDITION, format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
+        }
+        let r = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
+        if pause {
+            st.agent.call_default("PauseContainer", |c, ctx| async move { c.pause_container(ctx, &r).await }).await.map_err(agent_err)?;
+        } else {
+            st.agent.call_default("ResumeContainer", |c, ctx| async move { c.resume_container(ctx, &r).await }).await.map_err(agent_err)?;
+        }
+        st.init.status = if pause { PStatus::Paused } else { PStatus::Running };
+        let cid = st.id.clone();
+        drop(g);
+        if pause {
+            self.publish(TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: cid, ..Default::default() })).await;
+        } else {
+            self.publish(TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: cid, ..Default::default() })).await;
+        }
+        Ok(Empty::new())
+    }
+}

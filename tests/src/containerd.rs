@@ -1,0 +1,186 @@
+//! A private containerd (Debian's, own config, sockets and state under /run/kata-rs-e2e/) with the
+//! kata-rs shim of this checkout on its PATH and a locally built busybox image imported.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const IMAGE: &str = "docker.io/library/kata-busybox:latest";
+pub const RUNTIME: &str = "io.containerd.kata-rs.v2";
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    child: Child,
+    pub address: String,
+    bin_dir: PathBuf,
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+}
+
+/// The OCI image tar of the test busybox (built once from the guest image's busybox).
+pub fn busybox_image() -> PathBuf {
+    let out = workspace().join("build/images/busybox-oci.tar");
+    if !out.exists() {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let bb = crate::guest_dir().join("test-rootfs/bin/busybox");
+        let st = Command::new("python3")
+            .arg(workspace().join("tests/images/mkimage.py"))
+            .arg(&bb)
+            .arg(&out)
+            .arg(IMAGE)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the busybox OCI image");
+    }
+    out
+}
+
+impl Containerd {
+    /// Starts containerd (binary from `$KATA_RS_CONTAINERD_BIN_DIR`, else PATH) and imports the image.
+    pub fn start() -> Containerd {
+        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
+        assert!(shim.exists(), "{} missing: run 'make build'", shim.display());
+        let dir = PathBuf::from(format!("/run/kata-rs-e2e/{}", crate::unique_id("c")));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["root", "state", "xdg", "fifo"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let address = dir.join("c.sock").display().to_string();
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n[debug]\n  level = \"debug\"\n",
+                dir.display(),
+                address
+            ),
+        )
+        .unwrap();
+        let mut kata = crate::test_config();
+        kata.runtime.root = dir.join("kr");
+        let g = crate::guest_dir();
+        std::fs::write(
+            dir.join("kata.toml"),
+            format!(
+                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
+                g.join("vmlinuz").display(),
+                g.join("initramfs.cpio.gz").display(),
+                kata.hypervisor.memory_mib,
+                kata.runtime.root.display()
+            ),
+        )
+        .unwrap();
+        let bin_dir = std::env::var_os("KATA_RS_CONTAINERD_BIN_DIR").map(PathBuf::from).unwrap_or_default();
+        let path = format!(
+            "{}:{}{}",
+            shim.parent().unwrap().display(),
+            if bin_dir.as_os_str().is_empty() { String::new() } else { format!("{}:", bin_dir.display()) },
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new(if bin_dir.as_os_str().is_empty() { PathBuf::from("containerd") } else { bin_dir.join("containerd") })
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", &path)
+            .env("KATA_RS_CONFIG", dir.join("kata.toml"))
+            .env("XDG_RUNTIME_DIR", dir.join("xdg"))
+            .current_dir(&dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd (make setup installs it)");
+        let c = Containerd { dir, child, address, bin_dir };
+        let start = Instant::now();
+        while !c.ctr(&["version"]).status.success() {
+            assert!(start.elapsed() < Duration::from_secs(30), "containerd did not come up; see {}", c.dir.join("containerd.log").display());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let img = busybox_image();
+        c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
+        c
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let ctr = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("ctr") } else { self.bin_dir.join("ctr") };
+        Command::new(ctr).arg("--address").arg(&self.address).args(args).stdin(Stdio::null()).output().expect("running ctr")
+    }
+
+    /// Runs ctr, panics with its output on failure, returns stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let o = self.ctr(args);
+        assert!(o.status.success(), "ctr {args:?} failed ({}): {}{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ctr run -d` of the busybox image under kata-rs.
+    pub fn run_detached(&self, id: &str, extra: &[&str], cmd: &[&str]) {
+        let fifo = self.dir.join("fifo").display().to_string();
+        let mut a = vec!["run", "-d", "--runtime", RUNTIME, "--fifo-dir", &fifo];
+        a.extend_from_slice(extra);
+        a.push(IMAGE);
+        a.push(id);
+        a.extend_from_slice(cmd);
+        self.ctr_ok(&a);
+    }
+
+    /// The host path of a container's rootfs (containerd's mount in the bundle).
+    pub fn rootfs(&self, id: &str) -> PathBuf {
+        self.dir.join("state/io.containerd.runtime.v2.task/default").join(id).join("rootfs")
+    }
+
+    /// The status column of `ctr task ls` for `id`.
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines().skip(1).find(|l| l.split_whitespace().next() == Some(id)).and_then(|l| l.split_whitespace().nth(2)).map(str::to_string)
+    }
+
+    pub fn wait_status(&self, id: &str, want: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let s = self.task_status(id);
+            if s.as_deref() == Some(want) {
+                return;
+            }
+            assert!(start.elapsed() < limit, "task {id} is {s:?}, not {want}, after {limit:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Processes of this containerd's kata-rs sandboxes, shims and mounts still present.
+    pub fn leftovers(&self) -> Vec<String> {
+        let kr = self.dir.join("kr").display().to_string();
+        let mut v: Vec<String> = crate::processes_mentioning(&kr).into_iter().map(|(p, c)| format!("process {p}: {c}")).collect();
+        let me = self.address.clone();
+        v.extend(crate::processes_mentioning(&format!("-address {me}")).into_iter().map(|(p, c)| format!("shim {p}: {c}")));
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let d = self.dir.display().to_string();
+        v.extend(mounts.lines().filter(|l| l.contains(&d) && !l.contains("/root/io.containerd")).map(|l| format!("mount: {l}")));
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("kr")) {
+            v.extend(entries.flatten().filter(|e| e.file_name() != "cache").map(|e| format!("dir: {}", e.path().display())));
+        }
+        v
+    }
+
+    pub fn assert_clean(&self) {
+        let start = Instant::now();
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "left behind:\n{}", left.join("\n"));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,124 @@
+//! End-to-end tests: real containerd + ctr + kata-rs shim + QEMU guest + runc.
+use std::time::Duration;
+
+use kata_rs_tests::{containerd::*, read_counter, wait_counter};
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_detached_exec_ps_metrics_pause_resume_kill_rm() {
+    let c = Containerd::start();
+    let log = c.dir.join("k1.log");
+    let log_uri = format!("file://{}", log.display());
+    c.run_detached(
+        "k1",
+        &["--log-uri", &log_uri],
+        &["sh", "-c", "echo hello-from-kata-rs; i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"],
+    );
+    assert_eq!(c.task_status("k1").as_deref(), Some("RUNNING"));
+    let count = c.rootfs("k1").join("count");
+    wait_counter(&count, 3, T).await;
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello-from-kata-rs\n", "run -d output (log URI)");
+
+    // exec: output and exit code come back.
+    let n: u64 = c.ctr_ok(&["task", "exec", "--exec-id", "e1", "k1", "cat", "/count"]).trim().parse().unwrap();
+    assert!(n >= 3);
+    let o = c.ctr(&["task", "exec", "--exec-id", "e2", "k1", "sh", "-c", "echo to-err >&2; exit 6"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "to-err\n");
+
+    // ps and metrics.
+    let ps = c.ctr_ok(&["task", "ps", "k1"]);
+    assert!(ps.lines().count() >= 3, "init and its sleep child: {ps}");
+    let m = c.ctr_ok(&["task", "metrics", "k1"]);
+    let mem: u64 = m.lines().find(|l| l.starts_with("memory.usage ")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap();
+    assert!(mem > 0, "{m}");
+    assert!(m.lines().any(|l| l.starts_with("pids.current") && !l.ends_with(" 0")), "{m}");
+
+    // pause: the counter stops; resume: it continues.
+    c.ctr_ok(&["task", "pause", "k1"]);
+    assert_eq!(c.task_status("k1").as_deref(), Some("PAUSED"));
+    let frozen = read_counter(&count);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(read_counter(&count), frozen, "counter advanced while paused");
+    c.ctr_ok(&["task", "resume", "k1"]);
+    assert_eq!(c.task_status("k1").as_deref(), Some("RUNNING"));
+    wait_counter(&count, frozen + 5, T).await;
+
+    // kill -a with SIGKILL (sh as PID 1 ignores SIGTERM, as under runc), then remove.
+    c.ctr_ok(&["task", "kill", "-a", "-s", "SIGKILL", "k1"]);
+    c.wait_status("k1", "STOPPED", T);
+    c.ctr_ok(&["task", "rm", "k1"]);
+    c.ctr_ok(&["container", "rm", "k1"]);
+    c.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_rm_in_the_foreground_propagates_output_and_exit_code() {
+    let c = Containerd::start();
+    let fifo = c.dir.join("fifo").display().to_string();
+    let o = c.ctr(&["run", "--rm", "--runtime", RUNTIME, "--fifo-dir", &fifo, IMAGE, "k2", "sh", "-c", "seq 1 2000; echo oops >&2; exit 3"]);
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    let expected: String = (1..=2000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), expected, "all stdout arrives before the exit");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oops"));
+    c.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_delivers_the_signal_and_stdin_reaches_the_container() {
+    let c = Containerd::start();
+    let fifo = c.dir.join("fifo").display().to_string();
+    // stdin: `ctr run` without -d forwards its stdin; the container echoes it back.
+    let mut child = std::process::Command::new("ctr")
+        .args(["--address", &c.address, "run", "--rm", "--runtime", RUNTIME, "--fifo-dir", &fifo, IMAGE, "k3", "sh", "-c", "read line; echo got:$line; exit 0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"ping\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "got:ping\n");
+    assert!(o.status.success());
+
+    c.run_detached("k4", &[], &["sh", "-c", "trap 'echo term > /got-term; exit 7' TERM; while :; do sleep 0.1; done"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.ctr_ok(&["task", "kill", "k4"]);
+    c.wait_status("k4", "STOPPED", T);
+    assert_eq!(std::fs::read_to_string(c.rootfs("k4").join("got-term")).unwrap(), "term\n");
+    let rm = c.ctr(&["task", "rm", "k4"]);
+    assert!(String::from_utf8_lossy(&rm.stderr).contains("exit code 7"), "{}", String::from_utf8_lossy(&rm.stderr));
+    c.ctr_ok(&["container", "rm", "k4"]);
+    c.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
+    let c = Containerd::start();
+    c.run_detached("k5", &[], &["sleep", "1000"]);
+    let shims = kata_rs_tests::processes_mentioning(&format!("-address {}", c.address));
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // containerd notices the dead shim, runs `containerd-shim-kata-rs-v2 delete`, and drops the task.
+    let start = std::time::Instant::now();
+    while c.task_status("k5").is_some() {
+        assert!(start.elapsed() < T, "task k5 still listed after its shim was killed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.assert_clean();
+    c.ctr_ok(&["container", "rm", "k5"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_is_a_clear_error_at_create() {
+    let c = Containerd::start();
+    std::fs::write(c.dir.join("kata.toml"), "[hypervisor]\nmemory_mb = 512\n").unwrap();
+    let fifo = c.dir.join("fifo").display().to_string();
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--fifo-dir", &fifo, IMAGE, "k6", "true"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("kata.toml") && err.contains("memory_mb"), "{err}");
+    let _ = c.ctr(&["container", "rm", "k6"]);
+    c.assert_clean();
+}
