@@ -12,13 +12,15 @@ use std::{
 use nix::{fcntl::OFlag, sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::unix::pipe,
     sync::{watch, Mutex},
 };
 use tracing::info;
 
-use crate::{cmd, reaper::Reaper};
+use crate::{
+    cmd,
+    fdio::{ConsoleSocket, FdStream},
+    reaper::Reaper,
+};
 
 pub const RUNC: &str = "/usr/sbin/runc";
 pub const RUNC_ROOT: &str = "/run/runc";
@@ -58,9 +60,11 @@ pub struct ExitInfo {
 /// One process (container init or exec) and the agent's ends of its stdio pipes.
 pub struct Process {
     pub pid: u32,
-    pub stdin: Mutex<Option<pipe::Sender>>,
-    pub stdout: Mutex<Option<pipe::Receiver>>,
-    pub stderr: Mutex<Option<pipe::Receiver>>,
+    pub stdin: Mutex<Option<FdStream>>,
+    pub stdout: Mutex<Option<FdStream>>,
+    pub stderr: Mutex<Option<FdStream>>,
+    /// The pseudo-terminal master of a terminal process (for resizing).
+    tty: std::sync::Mutex<Option<OwnedFd>>,
     pub exit: watch::Receiver<Option<ExitInfo>>,
     exit_tx: Arc<watch::Sender<Option<ExitInfo>>>,
 }
@@ -72,28 +76,102 @@ struct ChildStdio {
     stderr: OwnedFd,
 }
 
-fn make_pipes() -> Result<(ChildStdio, pipe::Sender, pipe::Receiver, pipe::Receiver)> {
+fn make_pipes() -> Result<(ChildStdio, FdStream, FdStream, FdStream)> {
     let p = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| ContainerError::Io("pipe2".into(), e.into()));
     let (in_r, in_w) = p()?;
     let (out_r, out_w) = p()?;
     let (err_r, err_w) = p()?;
-    let stdin = pipe::Sender::from_owned_fd(in_w).map_err(io("stdin pipe"))?;
-    let stdout = pipe::Receiver::from_owned_fd(out_r).map_err(io("stdout pipe"))?;
-    let stderr = pipe::Receiver::from_owned_fd(err_r).map_err(io("stderr pipe"))?;
+    let stdin = FdStream::new(in_w).map_err(io("stdin pipe"))?;
+    let stdout = FdStream::new(out_r).map_err(io("stdout pipe"))?;
+    let stderr = FdStream::new(err_r).map_err(io("stderr pipe"))?;
     Ok((ChildStdio { stdin: in_r, stdout: out_w, stderr: err_w }, stdin, stdout, stderr))
 }
 
+/// How a process's stdio is set up: pipes, or a terminal whose master runc sends to a console socket.
+enum IoSetup {
+    Pipes(ChildStdio),
+    Tty(ConsoleSocket, PathBuf),
+}
+
+/// Prepares stdio for a process; `name` distinguishes console sockets in the bundle.
+fn prepare_io(terminal: bool, bundle: &Path, name: &str) -> Result<(IoSetup, Process)> {
+    if terminal {
+        let path = bundle.join(format!("console-{name}.sock"));
+        let sock = ConsoleSocket::bind(&path).map_err(io("binding the console socket"))?;
+        return Ok((IoSetup::Tty(sock, path), Process::new(None, None, None)));
+    }
+    let (child, stdin, stdout, stderr) = make_pipes()?;
+    Ok((IoSetup::Pipes(child), Process::new(Some(stdin), Some(stdout), Some(stderr))))
+}
+
+impl IoSetup {
+    /// Gives runc its stdio (pipes) or its console socket (terminal).
+    fn apply(&mut self, cmd: &mut Command) {
+        match self {
+            IoSetup::Pipes(c) => {
+                let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+                cmd.stdin(dup(&c.stdin)).stdout(dup(&c.stdout)).stderr(dup(&c.stderr));
+            }
+            IoSetup::Tty(_, path) => {
+                cmd.arg("--console-socket").arg(path.as_os_str()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+    }
+}
+
+/// Runs a prepared runc command (create/exec) and, for a terminal, receives the pty master meanwhile.
+/// `cmd` holds runc's flags; the container id is appended after the stdio flags.
+async fn run_with_io(reaper: &Arc<Reaper>, mut cmd: Command, id: &str, io_setup: IoSetup, proc_: &mut Process) -> Result<cmd::Output> {
+    let mut io_setup = io_setup;
+    io_setup.apply(&mut cmd);
+    cmd.arg(id);
+    match io_setup {
+        IoSetup::Pipes(child) => {
+            let out = cmd::run_command(reaper, cmd, Some(Duration::from_secs(60))).await.map_err(io("running runc"))?;
+            drop(child);
+            Ok(out)
+        }
+        IoSetup::Tty(sock, path) => {
+            let (out, master) = tokio::join!(cmd::run_command(reaper, cmd, Some(Duration::from_secs(60))), sock.receive(Duration::from_secs(60)));
+            let _ = fs::remove_file(&path);
+            let out = out.map_err(io("running runc"))?;
+            if out.ok() {
+                let master = master.map_err(io("receiving the terminal from runc"))?;
+                proc_.attach_tty(master)?;
+            }
+            Ok(out)
+        }
+    }
+}
+
 impl Process {
-    fn new(stdin: pipe::Sender, stdout: pipe::Receiver, stderr: pipe::Receiver) -> Process {
+    fn new(stdin: Option<FdStream>, stdout: Option<FdStream>, stderr: Option<FdStream>) -> Process {
         let (tx, rx) = watch::channel(None);
         Process {
             pid: 0,
-            stdin: Mutex::new(Some(stdin)),
-            stdout: Mutex::new(Some(stdout)),
-            stderr: Mutex::new(Some(stderr)),
+            stdin: Mutex::new(stdin),
+            stdout: Mutex::new(stdout),
+            stderr: Mutex::new(stderr),
+            tty: std::sync::Mutex::new(None),
             exit: rx,
             exit_tx: Arc::new(tx),
         }
+    }
+
+    /// Uses a pty master for stdin and stdout (a terminal has no separate stderr).
+    fn attach_tty(&mut self, master: OwnedFd) -> Result<()> {
+        let r = FdStream::new(master.try_clone().map_err(io("dup tty"))?).map_err(io("tty"))?;
+        let w = FdStream::new(master.try_clone().map_err(io("dup tty"))?).map_err(io("tty"))?;
+        *self.stdout.get_mut() = Some(r);
+        *self.stdin.get_mut() = Some(w);
+        *self.tty.get_mut().unwrap() = Some(master);
+        Ok(())
+    }
+
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        let g = self.tty.lock().unwrap();
+        let fd = g.as_ref().ok_or_else(|| ContainerError::Invalid("the process has no terminal".into()))?;
+        crate::fdio::resize(std::os::fd::AsRawFd::as_raw_fd(fd), rows, cols).map_err(io("resizing the terminal"))
     }
 
     /// Watches `pid` through the reaper and publishes its exit.
@@ -263,10 +341,16 @@ impl Containers {
         let bundle = Path::new(CONTAINERS_DIR).join(id);
         fs::create_dir_all(&bundle).map_err(io("creating the bundle"))?;
         fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec).unwrap()).map_err(io("writing config.json"))?;
-        let (child, stdin, stdout, stderr) = make_pipes()?;
-        let mut init = Process::new(stdin, stdout, stderr);
+        let terminal = spec.pointer("/process/terminal").and_then(Value::as_bool).unwrap_or(false);
+        if terminal && for_restore {
+            return Err(ContainerError::Invalid("restoring a terminal container is not supported yet".into()));
+        }
+        let (io_setup, mut init) = prepare_io(terminal, &bundle, "init")?;
         let pending = if for_restore {
-            Some(child)
+            match io_setup {
+                IoSetup::Pipes(child) => Some(child),
+                IoSetup::Tty(..) => unreachable!("refused above"),
+            }
         } else {
             let pid_file = bundle.join("init.pid");
             let mut c = Command::new(RUNC);
@@ -275,12 +359,8 @@ impl Containers {
                 .args(["--log-format", "json", "create", "--bundle"])
                 .arg(&bundle)
                 .arg("--pid-file")
-                .arg(&pid_file)
-                .arg(id)
-                .stdin(Stdio::from(child.stdin))
-                .stdout(Stdio::from(child.stdout))
-                .stderr(Stdio::from(child.stderr));
-            let out = cmd::run_command(&self.reaper, c, Some(Duration::from_secs(60))).await.map_err(io("running runc create"))?;
+                .arg(&pid_file);
+            let out = run_with_io(&self.reaper, c, id, io_setup, &mut init).await?;
             if !out.ok() {
                 let detail = runc_log_error(&bundle.join("runc.log"));
                 let _ = fs::remove_dir_all(&bundle);
@@ -325,27 +405,20 @@ impl Containers {
         if !matches!(c.status, Status::Running) {
             return Err(ContainerError::Invalid(format!("container {id} is not running")));
         }
-        let mut p: Value = serde_json::from_slice(process).map_err(|e| ContainerError::Invalid(format!("process: {e}")))?;
-        if let Some(o) = p.as_object_mut() {
-            o.insert("terminal".into(), Value::Bool(false));
-        }
+        let p: Value = serde_json::from_slice(process).map_err(|e| ContainerError::Invalid(format!("process: {e}")))?;
+        let terminal = p.get("terminal").and_then(Value::as_bool).unwrap_or(false);
         let pfile = c.bundle.join(format!("exec-{exec_id}.json"));
         let pid_file = c.bundle.join(format!("exec-{exec_id}.pid"));
         fs::write(&pfile, serde_json::to_vec(&p).unwrap()).map_err(io("writing the exec process"))?;
-        let (child, stdin, stdout, stderr) = make_pipes()?;
-        let mut proc_ = Process::new(stdin, stdout, stderr);
+        let (io_setup, mut proc_) = prepare_io(terminal, &c.bundle, exec_id)?;
         let mut cmd_ = Command::new(RUNC);
         cmd_.args(["--root", RUNC_ROOT, "--log"])
             .arg(c.bundle.join("runc.log"))
             .args(["--log-format", "json", "exec", "-d", "--pid-file"])
             .arg(&pid_file)
             .arg("--process")
-            .arg(&pfile)
-            .arg(id)
-            .stdin(Stdio::from(child.stdin))
-            .stdout(Stdio::from(child.stdout))
-            .stderr(Stdio::from(child.stderr));
-        let out = cmd::run_command(&self.reaper, cmd_, Some(Duration::from_secs(60))).await.map_err(io("running runc exec"))?;
+            .arg(&pfile);
+        let out = run_with_io(&self.reaper, cmd_, id, io_setup, &mut proc_).await?;
         if !out.ok() {
             return Err(runc_err("runc exec".into(), &runc_log_error(&c.bundle.join("runc.log"))));
         }

@@ -6,6 +6,7 @@
 //! (the host's KVM probe).
 mod cmd;
 mod container;
+mod fdio;
 mod init;
 mod reaper;
 mod service;

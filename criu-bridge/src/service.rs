@@ -157,6 +157,12 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        p.resize(req.rows.min(u16::MAX as u32) as u16, req.cols.min(u16::MAX as u32) as u16).map_err(status)?;
+        Ok(Empty::new())
+    }
+
     async fn checkpoint_container(&self, _ctx: &TtrpcContext, req: CheckpointContainerRequest) -> ttrpc::Result<CheckpointContainerResponse> {
         let stats = self.containers.checkpoint(&req).await.map_err(status)?;
         Ok(CheckpointContainerResponse { stats, ..Default::default() })

@@ -5,8 +5,6 @@ use serde_json::Value;
 pub enum SpecError {
     #[error("config.json: {0}")]
     Invalid(String),
-    #[error("{0} is not supported by kata-rs yet")]
-    Unsupported(String),
 }
 
 /// What was changed, for the log.
@@ -28,9 +26,6 @@ pub fn adapt_for_guest(config_json: &[u8]) -> Result<Adapted, SpecError> {
     let mut spec: Value = serde_json::from_slice(config_json).map_err(|e| SpecError::Invalid(e.to_string()))?;
     let obj = spec.as_object_mut().ok_or_else(|| SpecError::Invalid("not a JSON object".into()))?;
     let mut out = Adapted::default();
-    if obj.get("process").and_then(|p| p.get("terminal")).and_then(Value::as_bool) == Some(true) {
-        return Err(SpecError::Unsupported("a terminal (tty) container".into()));
-    }
     obj.remove("hooks");
     if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
         mounts.retain(|m| {
@@ -95,11 +90,12 @@ mod tests {
     }
 
     #[test]
-    fn terminal_is_refused_clearly() {
+    fn terminal_is_kept() {
         let mut s = sample();
         s["process"]["terminal"] = Value::Bool(true);
-        let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap()).unwrap_err();
-        assert_eq!(e.to_string(), "a terminal (tty) container is not supported by kata-rs yet");
+        let a = adapt_for_guest(&serde_json::to_vec(&s).unwrap()).unwrap();
+        let v: Value = serde_json::from_slice(&a.spec).unwrap();
+        assert_eq!(v["process"]["terminal"], Value::Bool(true));
     }
 
     #[test]

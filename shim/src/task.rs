@@ -177,9 +177,6 @@ impl TaskService {
         if !req.checkpoint.is_empty() {
             return Err(err(Code::UNIMPLEMENTED, "restore from a checkpoint is not implemented by kata-rs yet"));
         }
-        if req.terminal {
-            return Err(err(Code::UNIMPLEMENTED, "terminal (tty) containers are not supported by kata-rs yet"));
-        }
         let config = Config::discover(None).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let bundle = PathBuf::from(&req.bundle);
         let raw = std::fs::read(bundle.join("config.json")).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
@@ -351,9 +348,6 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        if req.terminal {
-            return Err(err(Code::UNIMPLEMENTED, "terminal (tty) exec is not supported by kata-rs yet"));
-        }
         let mut g = self.state.lock().await;
         let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
         if st.execs.contains_key(&req.exec_id) {
@@ -368,8 +362,10 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 
-    async fn resize_pty(&self, _ctx: &TtrpcContext, _req: ResizePtyRequest) -> ttrpc::Result<Empty> {
-        // No terminal containers yet: nothing to resize.
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let (agent, cid) = self.agent_of(&req.id).await?;
+        let r = ag::ResizeTtyRequest { container_id: cid, exec_id: req.exec_id, rows: req.height, cols: req.width, ..Default::default() };
+        agent.call_default("ResizeTty", |c, ctx| async move { c.resize_tty(ctx, &r).await }).await.map_err(agent_err)?;
         Ok(Empty::new())
     }
 

@@ -122,3 +122,31 @@ async fn invalid_configuration_is_a_clear_error_at_create() {
     let _ = c.ctr(&["container", "rm", "k6"]);
     c.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_containers_and_exec_get_a_sized_tty() {
+    let c = Containerd::start();
+    let fifo = c.dir.join("fifo").display().to_string();
+    // `script` gives ctr the terminal `ctr run -t` wants; stty sets the size kata-rs must pass on.
+    let run = format!(
+        "stty cols 91 rows 33; ctr --address {} run -t --rm --runtime {RUNTIME} --fifo-dir {fifo} {IMAGE} t1 sh -c 'tty; stty size; exit 5'",
+        c.address
+    );
+    let o = std::process::Command::new("script").args(["-qec", &run, "/dev/null"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(5), "{out}");
+    assert!(out.contains("/dev/pts/0"), "{out}");
+    assert!(out.contains("33 91"), "{out}");
+
+    c.run_detached("t2", &[], &["sleep", "1000"]);
+    let exec = format!("stty cols 77 rows 22; ctr --address {} task exec -t --exec-id x1 t2 sh -c 'tty; stty size'", c.address);
+    let o = std::process::Command::new("script").args(["-qec", &exec, "/dev/null"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("/dev/pts/") && out.contains("22 77"), "{out}");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "t2"]);
+    c.wait_status("t2", "STOPPED", T);
+    c.ctr_ok(&["task", "rm", "t2"]);
+    c.ctr_ok(&["container", "rm", "t2"]);
+    c.assert_clean();
+}
