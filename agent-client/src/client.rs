@@ -57,7 +57,9 @@ impl AgentClient {
                         transport: transport.clone(),
                         rpc_timeout,
                     };
-                    let probe = left.min(Duration::from_secs(5));
+                    // Once connected, the first answer may take a while on a slow (TCG) guest: give it
+                    // its own bound rather than what is left of this round.
+                    let probe = left.max(Duration::from_secs(10));
                     match client.call("Check", probe, |c, ctx| async move { c.check(ctx, &CheckRequest::new()).await }).await {
                         Ok(_) => {
                             debug!(%transport, attempts, elapsed = ?start.elapsed(), "agent connected");

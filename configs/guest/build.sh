@@ -38,21 +38,7 @@ for tool in apt-get dpkg depmod cpio gzip readelf xz zstd; do
 done
 
 # --- private apt configuration for the chosen suite (the host's /etc/apt is left alone) ---
-MIRROR=$(sed -n 's/^URIs:[[:space:]]*//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1)
-[ -n "$MIRROR" ] || MIRROR=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-[ -n "$MIRROR" ] || { echo "build.sh: cannot find the Debian mirror in the host's apt configuration" >&2; exit 2; }
-APTDIR=$CACHE/apt-$SUITE
-mkdir -p "$APTDIR"/{lists/partial,archives/partial,debs}
-echo "deb $MIRROR $SUITE main" > "$APTDIR/sources.list"
-APTO=(-o Dir::Etc::SourceList="$APTDIR/sources.list" -o Dir::Etc::SourceParts=/dev/null
-      -o Dir::State::Lists="$APTDIR/lists" -o Dir::Cache="$APTDIR" -o Dir::Cache::archives="$APTDIR/archives"
-      -o Dir::State::status=/dev/null -o Debug::NoLocking=1 -o APT::Architecture=amd64
-      -o Acquire::Retries=3 -o APT::Sandbox::User=root)
-# Refresh the package lists at most once a day.
-if [ -z "$(find "$APTDIR/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
-  log "apt-get update ($SUITE)"
-  apt-get "${APTO[@]}" -qq update
-fi
+source "$here/apt-env.sh"
 
 if [ -z "$KERNEL_PKG" ]; then
   KERNEL_PKG=$(apt-cache "${APTO[@]}" depends linux-image-amd64 | sed -n 's/^[[:space:]]*Depends: \(linux-image-[0-9][^ ]*\)$/\1/p' | head -1)

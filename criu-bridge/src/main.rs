@@ -63,7 +63,11 @@ fn run(pid1: bool) -> Result<()> {
 async fn serve(params: init::BootParams) -> Result<()> {
     let reaper = reaper::Reaper::start();
     let containers = Arc::new(container::Containers::new(reaper));
-    let svc = Arc::new(service::AgentService::new(containers)) as Arc<dyn agent_client::agent_ttrpc::Agent + Send + Sync>;
+    let service = Arc::new(service::AgentService::new(containers));
+    // Learn the tool versions now, so that the host's first Check is answered at once.
+    let warm = service.clone();
+    tokio::spawn(async move { warm.warm_up().await });
+    let svc = service as Arc<dyn agent_client::agent_ttrpc::Agent + Send + Sync>;
     let services = agent_client::agent_ttrpc::create_agent(svc);
     let addr = format!("vsock://-1:{}", params.port);
     let mut server = ttrpc::r#async::Server::new()

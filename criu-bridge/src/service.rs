@@ -39,6 +39,10 @@ impl AgentService {
         AgentService { containers, versions: OnceCell::new() }
     }
 
+    pub async fn warm_up(&self) {
+        self.versions().await;
+    }
+
     async fn versions(&self) -> &(String, String) {
         self.versions
             .get_or_init(|| async {

@@ -99,14 +99,24 @@ impl Containerd {
             assert!(start.elapsed() < Duration::from_secs(30), "containerd did not come up; see {}", c.dir.join("containerd.log").display());
             std::thread::sleep(Duration::from_millis(200));
         }
+        let version = c.ctr_ok(&["version"]);
+        eprintln!("containerd under test: {}", version.lines().filter(|l| l.contains("Version")).collect::<Vec<_>>().join(" | "));
         let img = busybox_image();
         c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
         c
     }
 
+    /// The `ctr` matching this containerd.
+    pub fn ctr_path(&self) -> PathBuf {
+        if self.bin_dir.as_os_str().is_empty() {
+            PathBuf::from("ctr")
+        } else {
+            self.bin_dir.join("ctr")
+        }
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Output {
-        let ctr = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("ctr") } else { self.bin_dir.join("ctr") };
-        Command::new(ctr).arg("--address").arg(&self.address).args(args).stdin(Stdio::null()).output().expect("running ctr")
+        Command::new(self.ctr_path()).arg("--address").arg(&self.address).args(args).stdin(Stdio::null()).output().expect("running ctr")
     }
 
     /// Runs ctr, panics with its output on failure, returns stdout.

@@ -70,7 +70,7 @@ async fn kill_delivers_the_signal_and_stdin_reaches_the_container() {
     let c = Containerd::start();
     let fifo = c.dir.join("fifo").display().to_string();
     // stdin: `ctr run` without -d forwards its stdin; the container echoes it back.
-    let mut child = std::process::Command::new("ctr")
+    let mut child = std::process::Command::new(c.ctr_path())
         .args(["--address", &c.address, "run", "--rm", "--runtime", RUNTIME, "--fifo-dir", &fifo, IMAGE, "k3", "sh", "-c", "read line; echo got:$line; exit 0"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -129,7 +129,8 @@ async fn terminal_containers_and_exec_get_a_sized_tty() {
     let fifo = c.dir.join("fifo").display().to_string();
     // `script` gives ctr the terminal `ctr run -t` wants; stty sets the size kata-rs must pass on.
     let run = format!(
-        "stty cols 91 rows 33; ctr --address {} run -t --rm --runtime {RUNTIME} --fifo-dir {fifo} {IMAGE} t1 sh -c 'tty; stty size; exit 5'",
+        "stty cols 91 rows 33; {} --address {} run -t --rm --runtime {RUNTIME} --fifo-dir {fifo} {IMAGE} t1 sh -c 'tty; stty size; exit 5'",
+        c.ctr_path().display(),
         c.address
     );
     let o = std::process::Command::new("script").args(["-qec", &run, "/dev/null"]).output().unwrap();
@@ -139,7 +140,7 @@ async fn terminal_containers_and_exec_get_a_sized_tty() {
     assert!(out.contains("33 91"), "{out}");
 
     c.run_detached("t2", &[], &["sleep", "1000"]);
-    let exec = format!("stty cols 77 rows 22; ctr --address {} task exec -t --exec-id x1 t2 sh -c 'tty; stty size'", c.address);
+    let exec = format!("stty cols 77 rows 22; {} --address {} task exec -t --exec-id x1 t2 sh -c 'tty; stty size'", c.ctr_path().display(), c.address);
     let o = std::process::Command::new("script").args(["-qec", &exec, "/dev/null"]).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}");

@@ -66,4 +66,62 @@ async fn main() {
     let helpers: u64 = pids[1..].iter().map(|&p| rss_kib(p)).sum();
     result("vm_helper_daemons_rss_kib", helpers as f64, "KiB", "vhost-device-vsock + virtiofsd (they map guest memory: shared pages included)");
     sb.stop().await;
+
+    containerd_figures();
+}
+
+/// `ctr run --rm` until the container's output arrives, for kata-rs and runc in the same containerd.
+fn containerd_figures() {
+    use kata_rs_tests::containerd::{Containerd, IMAGE, RUNTIME};
+    use std::io::Read;
+    let c = Containerd::start();
+    let fifo = c.dir.join("fifo").display().to_string();
+    let reps = 3;
+    for (name, runtime) in [("kata_rs", RUNTIME), ("runc_v2", "io.containerd.runc.v2")] {
+        let mut times = Vec::new();
+        for i in 0..reps {
+            let id = format!("b-{name}-{i}");
+            let t = Instant::now();
+            let mut child = std::process::Command::new(c.ctr_path())
+                .args(["--address", &c.address, "run", "--rm", "--runtime", runtime, "--fifo-dir", &fifo, IMAGE, &id, "echo", "bench-output"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = child.stdout.take().unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 256];
+            let mut at = None;
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if at.is_none() && String::from_utf8_lossy(&seen).contains("bench-output") {
+                    at = Some(t.elapsed().as_secs_f64());
+                }
+            }
+            let st = child.wait_with_output().unwrap();
+            match at {
+                Some(s) => times.push(s),
+                None => eprintln!("{name}: no output (exit {}): {}", st.status, String::from_utf8_lossy(&st.stderr)),
+            }
+        }
+        if times.is_empty() {
+            println!("# ctr_run_to_output_s[{name}] skipped: the runtime produced no output here");
+        } else {
+            let n = times.len();
+            result(&format!("ctr_run_to_output_s[{name}]"), median(times), "s", &format!("median of {n}, ctr run --rm ... echo"));
+        }
+    }
+    // The shim's own memory while it owns one running VM.
+    c.run_detached("b-rss", &[], &["sleep", "1000"]);
+    let shims = processes_mentioning(&format!("-address {}", c.address));
+    if let Some((pid, _)) = shims.first() {
+        result("shim_rss_kib", rss_kib(*pid) as f64, "KiB", "containerd-shim-kata-rs-v2 serving one running container (VM processes not included)");
+    }
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "b-rss"]);
+    c.wait_status("b-rss", "STOPPED", Duration::from_secs(60));
+    c.ctr_ok(&["task", "rm", "b-rss"]);
+    c.ctr_ok(&["container", "rm", "b-rss"]);
 }
