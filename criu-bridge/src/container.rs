@@ -59,7 +59,7 @@ pub struct ExitInfo {
 
 /// One process (container init or exec) and the agent's ends of its stdio pipes.
 pub struct Process {
-    pub pid: u32,
+    pid: std::sync::atomic::AtomicU32,
     pub stdin: Mutex<Option<FdStream>>,
     pub stdout: Mutex<Option<FdStream>>,
     pub stderr: Mutex<Option<FdStream>>,
@@ -148,7 +148,7 @@ impl Process {
     fn new(stdin: Option<FdStream>, stdout: Option<FdStream>, stderr: Option<FdStream>) -> Process {
         let (tx, rx) = watch::channel(None);
         Process {
-            pid: 0,
+            pid: std::sync::atomic::AtomicU32::new(0),
             stdin: Mutex::new(stdin),
             stdout: Mutex::new(stdout),
             stderr: Mutex::new(stderr),
@@ -175,8 +175,12 @@ impl Process {
     }
 
     /// Watches `pid` through the reaper and publishes its exit.
-    fn watch_exit(&mut self, reaper: &Arc<Reaper>, pid: u32) {
-        self.pid = pid;
+    pub fn pid(&self) -> u32 {
+        self.pid.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn watch_exit(&self, reaper: &Arc<Reaper>, pid: u32) {
+        self.pid.store(pid, std::sync::atomic::Ordering::SeqCst);
         let tx = self.exit_tx.clone();
         let reaper = reaper.clone();
         tokio::spawn(async move {
@@ -370,7 +374,7 @@ impl Containers {
             init.watch_exit(&self.reaper, pid);
             None
         };
-        let pid = init.pid;
+        let pid = init.pid();
         let c = Container {
             bundle,
             init: Arc::new(init),
@@ -392,7 +396,7 @@ impl Containers {
         }
         runc(&self.reaper, id, &["start", id], Some(Duration::from_secs(60))).await?;
         c.status = Status::Running;
-        Ok(c.init.pid)
+        Ok(c.init.pid())
     }
 
     pub async fn exec(&self, id: &str, exec_id: &str, process: &[u8]) -> Result<u32> {
@@ -450,7 +454,7 @@ impl Containers {
         if p.exited().is_some() {
             return Err(ContainerError::Invalid(format!("process {exec_id} has exited")));
         }
-        nix::sys::signal::kill(Pid::from_raw(p.pid as i32), signal).map_err(|e| ContainerError::Io(format!("kill {}", p.pid), e.into()))
+        nix::sys::signal::kill(Pid::from_raw(p.pid() as i32), signal).map_err(|e| ContainerError::Io(format!("kill {}", p.pid()), e.into()))
     }
 
     pub async fn pause(&self, id: &str, pause: bool) -> Result<()> {
@@ -537,7 +541,23 @@ impl Containers {
         args.push(id.into());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
-        runc(&self.reaper, id, &argv, deadline).await.map_err(|e| with_criu_log(e, &req.work_path, "dump.log"))?;
+        if let Err(e) = runc(&self.reaper, id, &argv, deadline).await {
+            let timed_out = e.to_string().contains("timed out");
+            if timed_out {
+                // runc was killed; its CRIU may still hold the container frozen: stop it and thaw.
+                kill_criu();
+                if !req.already_frozen {
+                    let _ = runc(&self.reaper, id, &["resume", id], Some(Duration::from_secs(30))).await;
+                }
+                let _ = fs::remove_dir_all(&req.image_path);
+                let e = ContainerError::Runc {
+                    what: "runc checkpoint".into(),
+                    detail: format!("checkpoint deadline of {} s exceeded; CRIU was stopped and the container left {}", req.deadline_s, if req.already_frozen { "paused" } else { "running" }),
+                };
+                return Err(with_criu_log(e, &req.work_path, "dump.log"));
+            }
+            return Err(with_criu_log(e, &req.work_path, "dump.log"));
+        }
         if !req.leave_running {
             c.status = Status::Stopped;
         }
@@ -570,10 +590,20 @@ impl Containers {
             return Err(with_criu_log(e, &req.work_path, "restore.log"));
         }
         let pid = read_pid(&pid_file)?;
-        let init = Arc::get_mut(&mut c.init).ok_or_else(|| ContainerError::Invalid("init process busy".into()))?;
-        init.watch_exit(&self.reaper, pid);
+        c.init.watch_exit(&self.reaper, pid);
         c.status = Status::Running;
         Ok(pid)
+    }
+}
+
+/// SIGKILLs every CRIU process in the guest (only checkpoints and restores run CRIU).
+fn kill_criu() {
+    let Ok(entries) = fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == "criu").unwrap_or(false) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
     }
 }
 
@@ -582,7 +612,11 @@ fn with_criu_log(e: ContainerError, work: &str, name: &str) -> ContainerError {
     let path = Path::new(work).join(name);
     let text = fs::read_to_string(&path).unwrap_or_default();
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
-    let tail = errors.iter().rev().take(8).rev().cloned().collect::<Vec<_>>().join("\n");
+    let mut tail = errors.iter().rev().take(8).rev().cloned().collect::<Vec<_>>().join("\n");
+    if tail.is_empty() {
+        let lines: Vec<&str> = text.lines().collect();
+        tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    }
     match e {
         ContainerError::Runc { what, detail } => ContainerError::Runc {
             what,

@@ -2,6 +2,7 @@
 //! The binary `containerd-shim-kata-rs-v2` is a thin edge over this.
 
 pub mod check;
+pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod mounts;

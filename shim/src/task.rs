@@ -1,7 +1,7 @@
 //! containerd's task service (API v2) for one container in its own VM.
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -23,7 +23,7 @@ use containerd_shim::{
 use tokio::{sync::{watch, Mutex}, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::{config::Config, mounts, sandbox::Sandbox, spec, stdio};
+use crate::{checkpoint, config::Config, mounts, sandbox::Sandbox, spec, stdio};
 
 /// Agent calls that last as long as the process does.
 const LONG: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -107,6 +107,14 @@ struct TaskState {
     init: Proc,
     execs: HashMap<String, Proc>,
     mounts: mounts::ContainerMounts,
+    /// Host path of the sandbox's shared directory.
+    shared_dir: PathBuf,
+    /// Deadline of one checkpoint/restore (configuration), seconds.
+    deadline_s: u64,
+    /// Set when the task was created from a checkpoint: Start restores instead of starting.
+    restore_pending: bool,
+    checkpoints: u32,
+    guest_mem_mib: u64,
 }
 
 impl TaskState {
@@ -174,8 +182,9 @@ impl TaskService {
     }
 
     async fn create_inner(&self, req: &CreateTaskRequest) -> ttrpc::Result<TaskState> {
-        if !req.checkpoint.is_empty() {
-            return Err(err(Code::UNIMPLEMENTED, "restore from a checkpoint is not implemented by kata-rs yet"));
+        let restore = !req.checkpoint.is_empty();
+        if restore && !Path::new(&req.checkpoint).join("inventory.img").is_file() {
+            return Err(err(Code::INVALID_ARGUMENT, format!("checkpoint {} holds no CRIU images (no inventory.img)", req.checkpoint)));
         }
         let config = Config::discover(None).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let bundle = PathBuf::from(&req.bundle);
@@ -196,10 +205,22 @@ impl TaskService {
             }
         };
         let agent = sandbox.agent.clone();
+        if restore {
+            // Images from containerd (trusted, but bounded all the same) into the guest's view.
+            let staging = sandbox.shared_dir.join(RESTORE_DIR);
+            let copied = std::fs::create_dir_all(&staging)
+                .map_err(|e| e.to_string())
+                .and_then(|_| checkpoint::copy_untrusted(Path::new(&req.checkpoint), &staging, max_image_bytes(config.hypervisor.memory_mib as u64)));
+            if let Err(e) = copied {
+                sandbox.stop_keep_mounts(&mounts).await;
+                return Err(err(Code::INVALID_ARGUMENT, format!("staging checkpoint {}: {e}", req.checkpoint)));
+            }
+        }
         let creq = ag::CreateContainerRequest {
             container_id: req.id.clone(),
             oci_spec: adapted.spec,
             rootfs: format!("/run/kata-rs/shared/{}/rootfs", req.id),
+            for_restore: restore,
             ..Default::default()
         };
         let pid = match agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &creq).await }).await {
@@ -212,7 +233,21 @@ impl TaskService {
         let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         init.pid = pid;
         init.start_io(&agent, &req.id, "");
-        Ok(TaskState { id: req.id.clone(), bundle, sandbox: Some(sandbox), agent, init, execs: HashMap::new(), mounts })
+        let shared_dir = sandbox.shared_dir.clone();
+        Ok(TaskState {
+            id: req.id.clone(),
+            bundle,
+            sandbox: Some(sandbox),
+            agent,
+            init,
+            execs: HashMap::new(),
+            mounts,
+            shared_dir,
+            deadline_s: config.runtime.checkpoint_deadline_s,
+            restore_pending: restore,
+            checkpoints: 0,
+            guest_mem_mib: config.hypervisor.memory_mib as u64,
+        })
     }
 
     /// Stops the VM and removes mounts and directories (idempotent).
@@ -267,11 +302,35 @@ impl Task for TaskService {
         let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
         let agent = st.agent.clone();
         let cid = st.id.clone();
+        let st_restore_pending = st.restore_pending;
+        let deadline_s = st.deadline_s;
+        let bundle = st.bundle.clone();
+        if req.exec_id.is_empty() {
+            st.restore_pending = false;
+        }
         let p = st.proc_mut(&req.exec_id)?;
         if p.status != PStatus::Created {
             return Err(err(Code::FAILED_PRECONDITION, format!("process {}/{} is not in the created state", cid, req.exec_id)));
         }
-        let pid = if req.exec_id.is_empty() {
+        let restore = req.exec_id.is_empty() && st_restore_pending;
+        let pid = if restore {
+            let work = "/run/kata-rs/work/restore".to_string();
+            let r = ag::RestoreContainerRequest {
+                container_id: cid.clone(),
+                image_path: format!("/run/kata-rs/shared/{RESTORE_DIR}"),
+                work_path: work.clone(),
+                deadline_s: deadline_s as u32,
+                ..Default::default()
+            };
+            let timeout = Duration::from_secs(deadline_s + 30);
+            match agent.call("RestoreContainer", timeout, |c, ctx| async move { c.restore_container(ctx, &r).await }).await {
+                Ok(r) => r.pid,
+                Err(e) => {
+                    let log = fetch_guest_log(&agent, &format!("{work}/restore.log"), &bundle, "restore.log").await;
+                    return Err(err(Code::INTERNAL, format!("restore failed: {e}\nfull CRIU log: {log}")));
+                }
+            }
+        } else if req.exec_id.is_empty() {
             let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
             agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &r).await }).await.map_err(agent_err)?.pid
         } else {
@@ -459,12 +518,89 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
-        Err(err(Code::UNIMPLEMENTED, "checkpoint through containerd is not implemented by kata-rs yet"))
+    async fn checkpoint(&self, _ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        self.checkpoint_inner(req).await
+    }
+}
+
+/// Staging directory names inside the sandbox's shared directory.
+const RESTORE_DIR: &str = ".restore-images";
+const CHECKPOINT_DIR: &str = ".checkpoints";
+
+/// Images can hold at most guest memory plus file contents: bound them at twice the guest memory + 1 GiB.
+fn max_image_bytes(guest_mem_mib: u64) -> u64 {
+    (guest_mem_mib * 2 + 1024) << 20
+}
+
+/// Copies a guest log (CRIU's dump.log/restore.log) next to the bundle; returns its host path or why not.
+async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, name: &str) -> String {
+    let r = ag::ReadFileTailRequest { path: guest_path.into(), max_bytes: 4 << 20, ..Default::default() };
+    match agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await {
+        Ok(t) => {
+            let host = bundle.join(format!("criu-{name}"));
+            match std::fs::write(&host, &t.data) {
+                Ok(()) => host.display().to_string(),
+                Err(e) => format!("(cannot write {}: {e}; guest path {guest_path})", host.display()),
+            }
+        }
+        Err(e) => format!("(not available: {e}; guest path {guest_path})"),
     }
 }
 
 impl TaskService {
+    async fn checkpoint_inner(&self, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        let opts = checkpoint::parse_options(req.options.as_ref()).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let (agent, cid, paused, bundle, shared_dir, deadline_s, n, max) = {
+            let mut g = self.state.lock().await;
+            let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            let status = st.init.status;
+            if !matches!(status, PStatus::Running | PStatus::Paused) {
+                return Err(err(Code::FAILED_PRECONDITION, format!("task {} is {status:?}: only a running or paused task can be checkpointed", st.id)));
+            }
+            st.checkpoints += 1;
+            (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared_dir.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib))
+        };
+        let target = PathBuf::from(if opts.image_path.is_empty() { &req.path } else { &opts.image_path });
+        checkpoint::check_target_dir(&target).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let staging_rel = format!("{CHECKPOINT_DIR}/{n}");
+        let staging = shared_dir.join(&staging_rel);
+        std::fs::create_dir_all(&staging).map_err(|e| err(Code::INTERNAL, format!("{}: {e}", staging.display())))?;
+        let work = format!("/run/kata-rs/work/checkpoint-{n}");
+        let r = ag::CheckpointContainerRequest {
+            container_id: cid.clone(),
+            image_path: format!("/run/kata-rs/shared/{staging_rel}"),
+            work_path: work.clone(),
+            leave_running: !opts.exit,
+            tcp_established: opts.open_tcp,
+            external_unix_sockets: opts.external_unix_sockets,
+            shell_job: opts.terminal,
+            file_locks: opts.file_locks,
+            empty_namespaces: opts.empty_namespaces.clone(),
+            already_frozen: paused,
+            deadline_s: deadline_s as u32,
+            ..Default::default()
+        };
+        info!(cid, n, paused, exit = opts.exit, target = %target.display(), "checkpoint");
+        let started = std::time::Instant::now();
+        let result = agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
+        let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
+        let outcome = match result {
+            Err(e) => Err(err(Code::INTERNAL, format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}"))),
+            Ok(_) => checkpoint::copy_untrusted(&staging, &target, max).map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid}: {e}; CRIU log: {log}"))),
+        };
+        let _ = crate::sandbox::remove_dir_all_no_follow(&staging);
+        match outcome {
+            Ok(bytes) => {
+                info!(cid, n, bytes, secs = started.elapsed().as_secs_f64(), log, "checkpoint written");
+                Ok(Empty::new())
+            }
+            Err(e) => {
+                checkpoint::empty_dir(&target);
+                Err(e)
+            }
+        }
+    }
+
     async fn agent_of(&self, id: &str) -> ttrpc::Result<(AgentClient, String)> {
         let g = self.state.lock().await;
         let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;

@@ -189,8 +189,20 @@ impl Containerd {
 }
 
 impl Drop for Containerd {
+    /// Also after a failed test: stop containerd, kill its kata-rs shims (their VMs die with them,
+    /// PR_SET_PDEATHSIG) and lazily unmount what they left, so no test leaves VMs running.
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
+        for (pid, _) in crate::processes_mentioning(&format!("-address {}", self.address)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        let d = self.dir.display().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&d)).collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
