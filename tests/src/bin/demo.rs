@@ -1,11 +1,8 @@
-//! `make demo` (VM level): a counter container in VM 1 is checkpointed with CRIU inside the guest,
-//! and restored in a freshly booted VM 2, where it continues counting from its dumped value.
+//! `make demo`: a counter container under kata-rs through containerd (`ctr`), checkpointed with CRIU
+//! inside its VM and restored in a new VM, where it goes on counting from its checkpointed value.
 use std::time::{Duration, Instant};
 
-use agent_client::agent::*;
-use kata_rs_tests::*;
-
-const T: Duration = Duration::from_secs(120);
+use kata_rs_tests::{containerd::*, read_counter, wait_counter};
 
 fn say(msg: &str) {
     println!("\x1b[1m==> {msg}\x1b[0m");
@@ -13,70 +10,42 @@ fn say(msg: &str) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    say("booting VM 1 (QEMU + criu-bridge as guest PID 1)");
-    let vm1 = boot("demo1").await;
-    println!("    agent ready after {:.1} s ({})", vm1.boot_time.as_secs_f64(), vm1.vm.accel);
-    // The counter lives in the shell's memory; /count only shows it to the host.
-    let host1 = run_container(&vm1, "counter", &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.2; done"]).await;
-    let count1 = host1.join("count");
-    say("container 'counter' runs in VM 1 with runc");
+    say("starting a private containerd with runtime io.containerd.kata-rs.v2");
+    let c = Containerd::start();
+    let counter = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.2; done"];
+    say("ctr run -d --runtime io.containerd.kata-rs.v2 ... c1 (a counter, in its own QEMU VM)");
+    let t = Instant::now();
+    c.run_detached("c1", &[], &counter);
+    println!("    running after {:.1} s", t.elapsed().as_secs_f64());
+    let count1 = c.rootfs("c1").join("count");
+    wait_counter(&count1, 1, Duration::from_secs(60)).await;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        println!("    VM 1 counter: {}", read_counter(&count1));
+        println!("    c1 counter: {}", read_counter(&count1));
     }
-    say("checkpoint with CRIU inside VM 1 (leave running)");
+    say("ctr containers checkpoint --task --rw --image c1 demo/c1:ckpt  (CRIU runs inside the VM)");
     let t = Instant::now();
-    let req = CheckpointContainerRequest {
-        container_id: "counter".into(),
-        image_path: "/run/kata-rs/shared/counter/images".into(),
-        work_path: "/run/kata-rs/work/counter-dump".into(),
-        leave_running: true,
-        deadline_s: 600,
-        ..Default::default()
-    };
-    vm1.agent.call("CheckpointContainer", T, |c, ctx| async move { c.checkpoint_container(ctx, &req).await }).await?;
-    let at_dump = read_counter(&count1);
-    let images = vm1.shared_dir.join("counter/images");
-    let size: u64 = std::fs::read_dir(&images)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-    println!("    dumped in {:.2} s: {} bytes of images in {}", t.elapsed().as_secs_f64(), size, images.display());
-    println!("    VM 1 counter at checkpoint: ~{at_dump}");
-
-    say("booting VM 2 and moving rootfs + images into its shared directory");
-    let vm2 = boot("demo2").await;
-    let dst = vm2.shared_dir.join("counter");
-    std::fs::create_dir_all(&dst)?;
-    for what in ["rootfs", "images"] {
-        let st = std::process::Command::new("cp").arg("-a").arg(vm1.shared_dir.join("counter").join(what)).arg(&dst).status()?;
-        anyhow::ensure!(st.success(), "copying {what}");
-    }
-    let req = CreateContainerRequest {
-        container_id: "counter".into(),
-        oci_spec: oci_spec(&["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.2; done"]),
-        rootfs: "/run/kata-rs/shared/counter/rootfs".into(),
-        for_restore: true,
-        ..Default::default()
-    };
-    vm2.agent.call("CreateContainer", T, |c, ctx| async move { c.create_container(ctx, &req).await }).await?;
-    say("restore with CRIU inside VM 2");
+    c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", "--image", "c1", "demo/c1:ckpt"]);
+    let at = read_counter(&count1);
+    println!("    checkpointed in {:.1} s at counter ~{at}; c1 keeps running", t.elapsed().as_secs_f64());
+    say("ctr containers restore --live --rw c2 demo/c1:ckpt  (a new VM)");
     let t = Instant::now();
-    let req = RestoreContainerRequest {
-        container_id: "counter".into(),
-        image_path: "/run/kata-rs/shared/counter/images".into(),
-        work_path: "/run/kata-rs/work/counter-restore".into(),
-        deadline_s: 600,
-        ..Default::default()
-    };
-    let pid = vm2.agent.call("RestoreContainer", T, |c, ctx| async move { c.restore_container(ctx, &req).await }).await?.pid;
-    println!("    restored in {:.2} s, init pid {pid} in VM 2", t.elapsed().as_secs_f64());
-    let count2 = dst.join("rootfs/count");
+    c.ctr_ok(&["containers", "restore", "--live", "--rw", "c2", "demo/c1:ckpt"]);
+    println!("    restored in {:.1} s", t.elapsed().as_secs_f64());
+    let count2 = c.rootfs("c2").join("count");
+    let first = wait_counter(&count2, 1, Duration::from_secs(60)).await;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        println!("    VM 2 counter: {}   (VM 1 still counting: {})", read_counter(&count2), read_counter(&count1));
+        println!("    c2 counter: {}   (c1: {})", read_counter(&count2), read_counter(&count1));
     }
-    let c2 = read_counter(&count2);
-    vm1.stop().await;
-    vm2.stop().await;
-    anyhow::ensure!(c2 > at_dump.saturating_sub(2), "VM 2's counter ({c2}) did not continue from the checkpoint (~{at_dump})");
-    say(&format!("the counter continued in a new VM: {at_dump} at checkpoint -> {c2} now"));
+    print!("{}", c.ctr_ok(&["task", "ls"]));
+    for id in ["c1", "c2"] {
+        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        c.wait_status(id, "STOPPED", Duration::from_secs(60));
+        c.ctr_ok(&["task", "rm", id]);
+        c.ctr_ok(&["container", "rm", id]);
+    }
+    anyhow::ensure!(first + 5 >= at, "c2 started at {first}, not near the checkpoint's {at}");
+    say(&format!("c2 continued from the checkpoint: ~{at} at checkpoint, {first} right after restore"));
     Ok(())
 }
