@@ -131,8 +131,45 @@ impl Config {
     }
 }
 
+/// containerd's generic runtime options (`runtimeoptions.v1.Options`, what `ctr run
+/// --runtime-config-path` and CRI's `ConfigPath` send to non-runc runtimes): field 2 is `config_path`.
+pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+
+/// The configuration file named by a Create request's runtime options, if any.
+pub fn config_path_from_options(type_url: &str, value: &[u8]) -> Result<Option<PathBuf>, String> {
+    if type_url.is_empty() && value.is_empty() {
+        return Ok(None);
+    }
+    if type_url.rsplit('/').next() != Some(RUNTIME_OPTIONS_TYPE) {
+        return Err(format!("runtime options of type {type_url:?} are not understood by kata-rs (it takes {RUNTIME_OPTIONS_TYPE})"));
+    }
+    let mut input = containerd_shim::protos::protobuf::CodedInputStream::from_bytes(value);
+    let mut path = None;
+    while !input.eof().map_err(|e| format!("runtime options: {e}"))? {
+        let tag = input.read_raw_varint32().map_err(|e| format!("runtime options: {e}"))?;
+        match (tag >> 3, tag & 7) {
+            (2, 2) => path = Some(input.read_string().map_err(|e| format!("runtime options: {e}"))?),
+            (_, wire) => {
+                let wt = containerd_shim::protos::protobuf::rt::WireType::new(wire).ok_or_else(|| format!("runtime options: bad wire type {wire}"))?;
+                input.skip_field(wt).map_err(|e| format!("runtime options: {e}"))?;
+            }
+        }
+    }
+    Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn runtime_options_name_the_config_file() {
+        // type_url = "x" (field 1), config_path = "/etc/kata-rs/other.toml" (field 2)
+        let mut v = vec![0x0a, 1, b'x', 0x12, 23];
+        v.extend_from_slice(b"/etc/kata-rs/other.toml");
+        assert_eq!(config_path_from_options(RUNTIME_OPTIONS_TYPE, &v).unwrap(), Some(PathBuf::from("/etc/kata-rs/other.toml")));
+        assert_eq!(config_path_from_options("", &[]).unwrap(), None);
+        assert!(config_path_from_options("containerd.runc.v1.Options", &v).unwrap_err().contains("not understood"));
+    }
+
     use super::*;
 
     #[test]

@@ -186,7 +186,11 @@ impl TaskService {
         if restore && !Path::new(&req.checkpoint).join("inventory.img").is_file() {
             return Err(err(Code::INVALID_ARGUMENT, format!("checkpoint {} holds no CRIU images (no inventory.img)", req.checkpoint)));
         }
-        let config = Config::discover(None).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let explicit = match req.options.as_ref() {
+            Some(o) => crate::config::config_path_from_options(&o.type_url, &o.value).map_err(|e| err(Code::INVALID_ARGUMENT, e))?,
+            None => None,
+        };
+        let config = Config::discover(explicit.as_deref()).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let bundle = PathBuf::from(&req.bundle);
         let raw = std::fs::read(bundle.join("config.json")).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
         let adapted = spec::adapt_for_guest(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;

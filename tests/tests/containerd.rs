@@ -151,3 +151,18 @@ async fn terminal_containers_and_exec_get_a_sized_tty() {
     c.ctr_ok(&["container", "rm", "t2"]);
     c.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_option_names_the_configuration_file() {
+    let c = Containerd::start();
+    // The option wins over $KATA_RS_CONFIG (which is valid here): a broken file named by it must be read.
+    let other = c.dir.join("other.toml");
+    std::fs::write(&other, "[agent]\nconnect_timeout_s = 0\n").unwrap();
+    let fifo = c.dir.join("fifo").display().to_string();
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--runtime-config-path", other.to_str().unwrap(), "--fifo-dir", &fifo, IMAGE, "k7", "true"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("other.toml") && err.contains("agent.connect_timeout_s"), "{err}");
+    let _ = c.ctr(&["container", "rm", "k7"]);
+    c.assert_clean();
+}
