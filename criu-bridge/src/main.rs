@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use tracing::{error, info};
 
 const PROBE_MARKER: &str = "KATA_RS_PROBE_OK";
+const READY_MARKER: &str = "KATA_RS_AGENT_READY";
 
 fn main() {
     let pid1 = std::process::id() == 1;
@@ -76,7 +77,9 @@ async fn serve(params: init::BootParams) -> Result<()> {
         .register_service(services);
     server.start().await.context("starting the ttrpc server")?;
     let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-    info!(%addr, uptime = uptime.split_whitespace().next().unwrap_or(""), "KATA_RS_AGENT_READY");
+    info!(%addr, uptime = uptime.split_whitespace().next().unwrap_or(""), "agent listening");
+    // Whatever the log level: the host waits for this line before it connects (see the shim's sandbox.rs).
+    init::console(&format!("{READY_MARKER} {addr}"));
     // Serve until the VM is torn down. SIGTERM (not sent to PID 1 by the kernel) is honoured for non-init runs.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     term.recv().await;

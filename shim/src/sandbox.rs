@@ -26,6 +26,9 @@ pub enum SandboxError {
     QemuDied { status: String, console: String, tail: String },
 }
 
+/// The line the guest agent prints on the console once it listens on its vsock port.
+pub const AGENT_READY_MARKER: &str = "KATA_RS_AGENT_READY";
+
 pub struct Sandbox {
     pub id: String,
     pub vm: Vm,
@@ -72,6 +75,23 @@ impl Sandbox {
         };
         let total = Duration::from_secs(config.agent.connect_timeout_s);
         let rpc_timeout = Duration::from_secs(config.agent.rpc_timeout_s);
+        // Connect only once the agent says (on the console) that it listens: connection attempts made
+        // while the guest's vsock device is still initialising can leave vhost-device-vsock unable to
+        // forward later ones (seen with 0.3.0: handshakes unanswered for 90 s after the agent was ready).
+        loop {
+            if vm.console_tail(64 * 1024).contains(AGENT_READY_MARKER) {
+                break;
+            }
+            if let Some(status) = vm.qemu_exited() {
+                let err = SandboxError::QemuDied { status: status.to_string(), console: vm.console_log().display().to_string(), tail: console_tail(&vm) };
+                vm.shutdown().await;
+                return Err(err);
+            }
+            if start.elapsed() >= total {
+                break; // the connect loop below reports the timeout with the console tail
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         // Short connect rounds, so that a QEMU that died is noticed at once.
         let agent = loop {
             match AgentClient::connect(transport.clone(), Duration::from_secs(1), rpc_timeout).await {
