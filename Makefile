@@ -34,9 +34,11 @@ integration-test: guest-image build
 # again against containerd 1.7 (Debian 13's binaries, unpacked, not installed).
 test: setup guest-image build
 	$(CARGO) test --release --workspace --lib --bins
-	$(CARGO) test --release -p kata-rs-tests --tests -- --test-threads=1
+	bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test vm -- --test-threads=1
+	bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
+	bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test checkpoint -- --test-threads=1
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd17.sh) \
-	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
+	  bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 
 bench: guest-image build
 	$(CARGO) run --release -q -p kata-rs-tests --bin bench
