@@ -4,7 +4,8 @@ set -euo pipefail
 log() { echo "[setup] $*" >&2; }
 need_apt=()
 for pair in qemu-system-x86_64:qemu-system-x86 cpio:cpio depmod:kmod readelf:binutils xz:xz-utils zstd:zstd \
-            containerd:containerd runc:runc ctr:containerd socat:socat gcc:gcc; do
+            containerd:containerd runc:runc ctr:containerd socat:socat gcc:gcc \
+            criu:criu; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /usr/lib/qemu/virtiofsd ] || need_apt+=(qemu-system-common)

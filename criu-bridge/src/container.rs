@@ -11,9 +11,7 @@ use std::{
 
 use nix::{fcntl::OFlag, sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
-use tokio::{
-    sync::{watch, Mutex},
-};
+use tokio::sync::{watch, Mutex, OnceCell};
 use tracing::info;
 
 use crate::{
@@ -121,18 +119,21 @@ impl IoSetup {
 
 /// Runs a prepared runc command (create/exec) and, for a terminal, receives the pty master meanwhile.
 /// `cmd` holds runc's flags; the container id is appended after the stdio flags.
+/// runc create/exec deadline: below the host's 60 s RPC timeout, so a hung runc is reported as such.
+const RUNC_SPAWN_DEADLINE: Duration = Duration::from_secs(45);
+
 async fn run_with_io(reaper: &Arc<Reaper>, mut cmd: Command, id: &str, io_setup: IoSetup, proc_: &mut Process) -> Result<cmd::Output> {
     let mut io_setup = io_setup;
     io_setup.apply(&mut cmd);
     cmd.arg(id);
     match io_setup {
         IoSetup::Pipes(child) => {
-            let out = cmd::run_command(reaper, cmd, Some(Duration::from_secs(60))).await.map_err(io("running runc"))?;
+            let out = cmd::run_command(reaper, cmd, Some(RUNC_SPAWN_DEADLINE)).await.map_err(io("running runc"))?;
             drop(child);
             Ok(out)
         }
         IoSetup::Tty(sock, path) => {
-            let (out, master) = tokio::join!(cmd::run_command(reaper, cmd, Some(Duration::from_secs(60))), sock.receive(Duration::from_secs(60)));
+            let (out, master) = tokio::join!(cmd::run_command(reaper, cmd, Some(RUNC_SPAWN_DEADLINE)), sock.receive(RUNC_SPAWN_DEADLINE));
             let _ = fs::remove_file(&path);
             let out = out.map_err(io("running runc"))?;
             if out.ok() {
@@ -247,15 +248,75 @@ pub struct Container {
     pub status: Status,
     /// Stdio for the first start/restore, kept until runc takes it.
     pending_stdio: Option<ChildStdio>,
-    /// Guest paths CRIU must treat as external mounts (used by checkpoint).
-    #[allow(dead_code)]
+    /// Extra guest paths the host asked to treat as external mounts (checked at checkpoint).
     pub external_mounts: Vec<String>,
+}
+
+/// virtio-fs and 9p mounts (mount point as the container sees it, fs type) from a mountinfo text.
+pub fn shared_fs_mounts(mountinfo: &str) -> Vec<(String, String)> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mp = left.split_whitespace().nth(4)?;
+            let fstype = right.split_whitespace().next()?;
+            matches!(fstype, "virtiofs" | "9p").then(|| (mp.replace("\\040", " "), fstype.to_string()))
+        })
+        .collect()
+}
+
+/// Destinations of the spec's bind mounts: runc hands each to CRIU as an external mount.
+pub fn spec_bind_destinations(spec: &Value) -> Vec<String> {
+    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else { return vec![] };
+    mounts
+        .iter()
+        .filter(|m| {
+            m.get("type").and_then(Value::as_str) == Some("bind")
+                || m.get("options").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| matches!(x.as_str(), Some("bind") | Some("rbind"))))
+        })
+        .filter_map(|m| m.get("destination").and_then(Value::as_str).map(|d| d.trim_end_matches('/').to_string()))
+        .collect()
+}
+
+/// How each virtio-fs/9p mount of the container will be dumped; an error names the ones CRIU cannot dump.
+pub fn plan_shared_mounts(mounts: &[(String, String)], binds: &[String], extra: &[String]) -> std::result::Result<Vec<String>, String> {
+    let mut plan = vec![];
+    let mut bad = vec![];
+    for (mp, fstype) in mounts {
+        let mp_n = if mp == "/" { "/" } else { mp.trim_end_matches('/') };
+        if mp_n == "/" {
+            plan.push(format!("{mp} ({fstype}): container root, given to CRIU as --root"));
+        } else if binds.iter().any(|b| b == mp_n) || extra.iter().any(|b| b == mp_n) {
+            plan.push(format!("{mp} ({fstype}): external bind mount (runc passes it to CRIU as ext-mount {mp})"));
+        } else {
+            bad.push(format!("{mp} ({fstype})"));
+        }
+    }
+    if bad.is_empty() {
+        Ok(plan)
+    } else {
+        Err(format!(
+            "CRIU cannot dump these shared-filesystem mounts, which were made inside the container rather than declared as bind mounts in the OCI spec: {}",
+            bad.join(", ")
+        ))
+    }
+}
+
+/// `criu check` of this VM: Ok(output) or Err(why), run once before the first checkpoint.
+async fn criu_check(reaper: &Arc<Reaper>) -> std::result::Result<String, String> {
+    match cmd::run(reaper, "/usr/sbin/criu", &["check".into()], Some(Duration::from_secs(120))).await {
+        Ok(o) if o.ok() => Ok(format!("{}{}", o.stdout, o.stderr).trim().to_string()),
+        Ok(o) => Err(format!("criu check exited {}{}: {}{}", o.code, if o.timed_out { " (timed out)" } else { "" }, o.stdout, o.stderr).trim().to_string()),
+        Err(e) => Err(format!("running criu check: {e}")),
+    }
 }
 
 /// The agent's table of containers.
 pub struct Containers {
     pub reaper: Arc<Reaper>,
     map: Mutex<HashMap<String, Arc<Mutex<Container>>>>,
+    /// Verdict of `criu check`, run once before the first checkpoint of this VM.
+    criu_verdict: OnceCell<std::result::Result<String, String>>,
 }
 
 fn valid_id(id: &str) -> Result<()> {
@@ -307,7 +368,7 @@ pub async fn runc(reaper: &Arc<Reaper>, id: &str, args: &[&str], deadline: Optio
 
 impl Containers {
     pub fn new(reaper: Arc<Reaper>) -> Containers {
-        Containers { reaper, map: Mutex::new(HashMap::new()) }
+        Containers { reaper, map: Mutex::new(HashMap::new()), criu_verdict: OnceCell::new() }
     }
 
     pub async fn get(&self, id: &str) -> Result<Arc<Mutex<Container>>> {
@@ -512,6 +573,29 @@ impl Containers {
         let id = req.container_id.as_str();
         let c = self.get(id).await?;
         let mut c = c.lock().await;
+        if !matches!(c.status, Status::Running | Status::Paused) || c.init.exited().is_some() {
+            let state = if c.init.exited().is_some() { "stopped".to_string() } else { format!("{:?}", c.status).to_lowercase() };
+            return Err(ContainerError::Invalid(format!("container {id} is {state}: only a running or paused container can be checkpointed")));
+        }
+        let verdict = self
+            .criu_verdict
+            .get_or_init(|| async {
+                let v = criu_check(&self.reaper).await;
+                info!(verdict = ?v, "criu check before the first checkpoint of this VM");
+                v
+            })
+            .await;
+        if let Err(why) = verdict {
+            return Err(ContainerError::Invalid(format!("CRIU cannot checkpoint in this VM (criu check, run before the first checkpoint): {why}")));
+        }
+        // Every virtio-fs/9p mount the container sees must be one CRIU is told about.
+        let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", c.init.pid())).map_err(io("reading the container's mountinfo"))?;
+        let spec: Value = serde_json::from_slice(&fs::read(c.bundle.join("config.json")).map_err(io("reading config.json"))?)
+            .map_err(|e| ContainerError::Invalid(format!("config.json: {e}")))?;
+        match plan_shared_mounts(&shared_fs_mounts(&mountinfo), &spec_bind_destinations(&spec), &c.external_mounts) {
+            Ok(plan) => info!(id, ?plan, "shared-filesystem mounts for CRIU"),
+            Err(why) => return Err(ContainerError::Invalid(why)),
+        }
         for p in [&req.image_path, &req.work_path] {
             if !Path::new(p).is_absolute() {
                 return Err(ContainerError::Invalid(format!("path {p:?} must be absolute")));
@@ -541,27 +625,36 @@ impl Containers {
         args.push(id.into());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
+        let started = std::time::Instant::now();
         if let Err(e) = runc(&self.reaper, id, &argv, deadline).await {
             let timed_out = e.to_string().contains("timed out");
             if timed_out {
-                // runc was killed; its CRIU may still hold the container frozen: stop it and thaw.
+                // runc was killed; stop its CRIU too. CRIU thaws the cgroup once it has seized the
+                // tasks, and its death detaches them (CRIU's parasite code returns them to where
+                // they were): give them a moment, then put the cgroup back as it was before the call.
                 kill_criu();
-                if !req.already_frozen {
-                    let _ = runc(&self.reaper, id, &["resume", id], Some(Duration::from_secs(30))).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let survived = c.init.exited().is_none() && Path::new(&format!("/proc/{}", c.init.pid())).exists();
+                let (verb, left) = if req.already_frozen { ("pause", "paused") } else { ("resume", "running") };
+                if let Err(e) = runc(&self.reaper, id, &[verb, id], Some(Duration::from_secs(30))).await {
+                    info!(id, error = %e, "after the deadline: runc {verb} (the container may already be {left})");
                 }
                 let _ = fs::remove_dir_all(&req.image_path);
+                let outcome = if survived { format!("the container was left {left}") } else { "the container did not survive it".to_string() };
                 let e = ContainerError::Runc {
                     what: "runc checkpoint".into(),
-                    detail: format!("checkpoint deadline of {} s exceeded; CRIU was stopped and the container left {}", req.deadline_s, if req.already_frozen { "paused" } else { "running" }),
+                    detail: format!("checkpoint deadline of {} s exceeded; CRIU was stopped and {outcome}", req.deadline_s),
                 };
                 return Err(with_criu_log(e, &req.work_path, "dump.log"));
             }
             return Err(with_criu_log(e, &req.work_path, "dump.log"));
         }
+        let secs = started.elapsed().as_secs_f64();
+        info!(id, secs, leave_running = req.leave_running, "runc checkpoint done");
         if !req.leave_running {
             c.status = Status::Stopped;
         }
-        Ok(String::new())
+        Ok(format!("runc_checkpoint_s={secs:.3}\n"))
     }
 
     /// `runc restore -d` of a container created with `for_restore`, with the new stdio pipes.
@@ -629,4 +722,43 @@ fn with_criu_log(e: ContainerError, work: &str, name: &str) -> ContainerError {
 fn read_pid(p: &Path) -> Result<u32> {
     let s = fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
     s.trim().parse().map_err(|_| ContainerError::Invalid(format!("bad pid file {}: {s:?}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+2190 2150 0:27 /c1/rootfs / rw,relatime - virtiofs kataShared rw
+2191 2190 0:60 / /proc rw,nosuid - proc proc rw
+2192 2190 0:27 /data /data rw,relatime - virtiofs kataShared rw
+2193 2190 0:61 / /mnt/my\\040share rw - 9p share rw,trans=virtio
+2194 2190 0:62 / /dev rw,nosuid - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn finds_virtiofs_and_9p_mounts() {
+        let m = shared_fs_mounts(MOUNTINFO);
+        assert_eq!(
+            m,
+            vec![("/".into(), "virtiofs".into()), ("/data".into(), "virtiofs".into()), ("/mnt/my share".into(), "9p".into())]
+        );
+    }
+
+    #[test]
+    fn plans_root_and_spec_binds_and_names_the_rest() {
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": "/x", "options": ["rbind"]},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/other/", "type": "none", "source": "/y", "options": ["bind", "ro"]}
+        ]});
+        let binds = spec_bind_destinations(&spec);
+        assert_eq!(binds, vec!["/data".to_string(), "/other".to_string()]);
+        let m = shared_fs_mounts(MOUNTINFO);
+        let err = plan_shared_mounts(&m, &binds, &[]).unwrap_err();
+        assert!(err.contains("/mnt/my share (9p)") && !err.contains("/data"), "{err}");
+        let plan = plan_shared_mounts(&m, &binds, &["/mnt/my share".into()]).unwrap();
+        assert_eq!(plan.len(), 3);
+        assert!(plan[0].contains("--root") && plan[1].contains("external"), "{plan:?}");
+    }
 }

@@ -1,4 +1,5 @@
 //! The ttrpc service: protocol requests mapped onto [`Containers`] and guest tools.
+use tracing::info;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use agent_client::{agent::*, agent_ttrpc};
@@ -76,6 +77,7 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<StartResponse> {
+        info!(id = %req.container_id, for_restore = req.for_restore, "CreateContainer received");
         let pid = self
             .containers
             .create(&req.container_id, &req.oci_spec, &req.rootfs, req.external_mounts.clone(), req.for_restore)

@@ -119,6 +119,6 @@ pub async fn run(config: &Config, mut out: impl FnMut(&Item)) -> Vec<Item> {
         }
         Err(e) => push(item("criu", false, e.to_string()), &mut items),
     }
-    sandbox.stop().await;
+    sandbox.stop(None).await;
     items
 }

@@ -50,6 +50,35 @@ pub fn parse_options(any: Option<&Any>) -> Result<Options, String> {
     })
 }
 
+/// OCI annotation that sets the checkpoint/restore deadline of one container, in seconds (overrides
+/// `runtime.checkpoint_deadline_s`; `ctr run --annotation`, or a pod annotation passed through).
+pub const DEADLINE_ANNOTATION: &str = "io.kata-rs.checkpoint.deadline_s";
+/// Longest deadline accepted from an annotation: one day.
+const MAX_DEADLINE_S: u64 = 24 * 3600;
+
+/// The deadline for this container: the annotation's value when set (validated), else `default_s`.
+pub fn deadline_from_spec(spec: &serde_json::Value, default_s: u64) -> Result<u64, String> {
+    let Some(v) = spec.pointer("/annotations").and_then(|a| a.get(DEADLINE_ANNOTATION)) else { return Ok(default_s) };
+    let s = v.as_str().unwrap_or_default();
+    match s.trim().parse::<u64>() {
+        Ok(n) if (1..=MAX_DEADLINE_S).contains(&n) => Ok(n),
+        _ => Err(format!("annotation {DEADLINE_ANNOTATION}={v}: must be a whole number of seconds from 1 to {MAX_DEADLINE_S}")),
+    }
+}
+
+/// Time kept back from a request's own deadline so the shim can still clean up and answer.
+pub const REQUEST_MARGIN_S: u64 = 2;
+
+/// The deadline of one checkpoint/restore: the request's own deadline (the caller's context deadline,
+/// which containerd passes on as the ttrpc timeout) less a margin when it has one, else the
+/// container's (annotation or configuration). Returns seconds (at least 1) and where they came from.
+pub fn effective_deadline(container_s: u64, request: Option<std::time::Duration>) -> (u64, &'static str) {
+    match request {
+        Some(d) => (d.as_secs().saturating_sub(REQUEST_MARGIN_S).max(1), "the request's deadline"),
+        None => (container_s, "the container's configuration"),
+    }
+}
+
 /// The directory containerd wants the images in must be an empty, writable directory.
 pub fn check_target_dir(dir: &Path) -> Result<(), String> {
     if !dir.is_absolute() {
@@ -141,6 +170,30 @@ pub fn empty_dir(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn request_deadline_wins_with_a_margin() {
+        use super::effective_deadline as e;
+        use std::time::Duration as D;
+        assert_eq!(e(600, None).0, 600);
+        assert_eq!(e(1, Some(D::from_secs(300))).0, 298);
+        assert_eq!(e(600, Some(D::from_millis(3900))).0, 1);
+        assert_eq!(e(600, Some(D::from_millis(500))).0, 1, "never 0 (0 would mean no deadline in the guest)");
+    }
+
+    #[test]
+    fn deadline_annotation() {
+        use super::deadline_from_spec as d;
+        let with = |v: serde_json::Value| serde_json::json!({"annotations": {super::DEADLINE_ANNOTATION: v}});
+        assert_eq!(d(&serde_json::json!({}), 600), Ok(600));
+        assert_eq!(d(&serde_json::json!({"annotations": {"other": "1"}}), 600), Ok(600));
+        assert_eq!(d(&with("1".into()), 600), Ok(1));
+        assert_eq!(d(&with(" 90 ".into()), 600), Ok(90));
+        for bad in [serde_json::json!("0"), serde_json::json!("-1"), serde_json::json!("1.5"), serde_json::json!("ten"), serde_json::json!(5), serde_json::json!("86401")] {
+            let e = d(&with(bad.clone()), 600).unwrap_err();
+            assert!(e.contains(super::DEADLINE_ANNOTATION) && e.contains("seconds"), "{bad}: {e}");
+        }
+    }
+
     use super::*;
 
     fn tmp(name: &str) -> std::path::PathBuf {

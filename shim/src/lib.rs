@@ -4,6 +4,7 @@
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod criu_stats;
 pub mod metrics;
 pub mod mounts;
 pub mod sandbox;

@@ -124,18 +124,13 @@ impl Sandbox {
         Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, boot_time })
     }
 
-    /// Stops the VM, removes the container's mounts, then the sandbox directory.
-    pub async fn stop_keep_mounts(self, mounts: &crate::mounts::ContainerMounts) {
+    /// Stops the VM and its daemons, removes the container's mounts (when given) and then the sandbox
+    /// directory (never following symlinks or crossing mounts).
+    pub async fn stop(self, mounts: Option<&crate::mounts::ContainerMounts>) {
         self.vm.shutdown().await;
-        mounts.teardown();
-        if let Err(e) = remove_dir_all_no_follow(&self.dir) {
-            warn!(dir = %self.dir.display(), error = %e, "removing the sandbox directory");
+        if let Some(m) = mounts {
+            m.teardown();
         }
-    }
-
-    /// Stops the VM and its daemons and removes the sandbox directory.
-    pub async fn stop(self) {
-        self.vm.shutdown().await;
         if let Err(e) = remove_dir_all_no_follow(&self.dir) {
             warn!(dir = %self.dir.display(), error = %e, "removing the sandbox directory");
         }

@@ -109,7 +109,7 @@ struct TaskState {
     mounts: mounts::ContainerMounts,
     /// Host path of the sandbox's shared directory.
     shared_dir: PathBuf,
-    /// Deadline of one checkpoint/restore (configuration), seconds.
+    /// Deadline of one checkpoint/restore (configuration or the container's annotation), seconds.
     deadline_s: u64,
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
     restore_pending: bool,
@@ -194,6 +194,8 @@ impl TaskService {
         let bundle = PathBuf::from(&req.bundle);
         let raw = std::fs::read(bundle.join("config.json")).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
         let adapted = spec::adapt_for_guest(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
+        let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
             warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
         }
@@ -216,21 +218,22 @@ impl TaskService {
                 .map_err(|e| e.to_string())
                 .and_then(|_| checkpoint::copy_untrusted(Path::new(&req.checkpoint), &staging, max_image_bytes(config.hypervisor.memory_mib as u64)));
             if let Err(e) = copied {
-                sandbox.stop_keep_mounts(&mounts).await;
+                sandbox.stop(Some(&mounts)).await;
                 return Err(err(Code::INVALID_ARGUMENT, format!("staging checkpoint {}: {e}", req.checkpoint)));
             }
         }
         let creq = ag::CreateContainerRequest {
             container_id: req.id.clone(),
             oci_spec: adapted.spec,
-            rootfs: format!("/run/kata-rs/shared/{}/rootfs", req.id),
+            rootfs: format!("{GUEST_SHARED}/{}/rootfs", req.id),
             for_restore: restore,
             ..Default::default()
         };
         let pid = match agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &creq).await }).await {
             Ok(r) => r.pid,
             Err(e) => {
-                sandbox.stop_keep_mounts(&mounts).await;
+                warn!(id = %req.id, error = %e, console_tail = %sandbox.vm.console_tail(4000), "CreateContainer failed; the guest console's end follows");
+                sandbox.stop(Some(&mounts)).await;
                 return Err(agent_err(e));
             }
         };
@@ -247,7 +250,7 @@ impl TaskService {
             execs: HashMap::new(),
             mounts,
             shared_dir,
-            deadline_s: config.runtime.checkpoint_deadline_s,
+            deadline_s,
             restore_pending: restore,
             checkpoints: 0,
             guest_mem_mib: config.hypervisor.memory_mib as u64,
@@ -259,8 +262,18 @@ impl TaskService {
         if let Some(sb) = st.sandbox.take() {
             let req = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
             let _ = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await;
-            sb.stop_keep_mounts(&st.mounts).await;
+            sb.stop(Some(&st.mounts)).await;
         }
+    }
+}
+
+/// Only a running or paused task can be checkpointed (containerd pauses before it checkpoints).
+fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -> Result<(), String> {
+    match status {
+        PStatus::Running | PStatus::Paused => Ok(()),
+        PStatus::Created if restore_pending => Err(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it")),
+        PStatus::Created => Err(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed")),
+        PStatus::Stopped => Err(format!("task {id} is Stopped: only a running or paused task can be checkpointed")),
     }
 }
 
@@ -301,14 +314,16 @@ impl Task for TaskService {
         Ok(CreateTaskResponse { pid, ..Default::default() })
     }
 
-    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+    async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let request_deadline = (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64));
         let mut g = self.state.lock().await;
         let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
         let agent = st.agent.clone();
         let cid = st.id.clone();
         let st_restore_pending = st.restore_pending;
-        let deadline_s = st.deadline_s;
+        let (deadline_s, deadline_from) = checkpoint::effective_deadline(st.deadline_s, request_deadline);
         let bundle = st.bundle.clone();
+        let staging = st.shared_dir.join(RESTORE_DIR);
         if req.exec_id.is_empty() {
             st.restore_pending = false;
         }
@@ -318,20 +333,45 @@ impl Task for TaskService {
         }
         let restore = req.exec_id.is_empty() && st_restore_pending;
         let pid = if restore {
-            let work = "/run/kata-rs/work/restore".to_string();
+            let work = format!("{GUEST_WORK}/restore");
             let r = ag::RestoreContainerRequest {
                 container_id: cid.clone(),
-                image_path: format!("/run/kata-rs/shared/{RESTORE_DIR}"),
+                image_path: format!("{GUEST_SHARED}/{RESTORE_DIR}"),
                 work_path: work.clone(),
                 deadline_s: deadline_s as u32,
                 ..Default::default()
             };
             let timeout = Duration::from_secs(deadline_s + 30);
-            match agent.call("RestoreContainer", timeout, |c, ctx| async move { c.restore_container(ctx, &r).await }).await {
-                Ok(r) => r.pid,
+            info!(cid, deadline_s, deadline_from, "restore");
+            let started = std::time::Instant::now();
+            let result = agent.call("RestoreContainer", timeout, |c, ctx| async move { c.restore_container(ctx, &r).await }).await;
+            let restore_s = started.elapsed().as_secs_f64();
+            match result {
+                Ok(r) => {
+                    let mut report = serde_json::Map::new();
+                    report.insert("restore_s".into(), restore_s.into());
+                    add_criu_stats(&agent, &mut report, format!("{work}/stats-restore")).await;
+                    write_report(&bundle.join("criu-restore.stats.json"), &report);
+                    info!(cid, restore_s, stats = %serde_json::Value::Object(report), "restored");
+                    let _ = crate::sandbox::remove_dir_all_no_follow(&staging);
+                    r.pid
+                }
                 Err(e) => {
                     let log = fetch_guest_log(&agent, &format!("{work}/restore.log"), &bundle, "restore.log").await;
-                    return Err(err(Code::INTERNAL, format!("restore failed: {e}\nfull CRIU log: {log}")));
+                    // Nothing can run in this VM any more: stop it now, and report the task stopped.
+                    let p = &mut st.init;
+                    p.status = PStatus::Stopped;
+                    let ts = timestamp().unwrap_or_default();
+                    let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
+                    TaskService::teardown(st).await;
+                    drop(g);
+                    warn!(cid, error = %e, log, "restore failed; VM stopped");
+                    self.publish(
+                        TASK_EXIT_EVENT_TOPIC,
+                        Box::new(TaskExit { container_id: cid.clone(), id: cid.clone(), pid: 0, exit_status: RESTORE_FAILED_STATUS, exited_at: Some(ts).into(), ..Default::default() }),
+                    )
+                    .await;
+                    return Err(err(Code::INTERNAL, format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")));
                 }
             }
         } else if req.exec_id.is_empty() {
@@ -522,14 +562,57 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 
-    async fn checkpoint(&self, _ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
-        self.checkpoint_inner(req).await
+    async fn checkpoint(&self, ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        let request_deadline = (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64));
+        // Its own task: should ttrpc drop this call at the caller's deadline, the cleanup still runs.
+        let me = self.clone();
+        tokio::spawn(async move { me.checkpoint_inner(req, request_deadline).await })
+            .await
+            .map_err(|e| err(Code::INTERNAL, format!("checkpoint task failed: {e}")))?
     }
 }
 
 /// Staging directory names inside the sandbox's shared directory.
 const RESTORE_DIR: &str = ".restore-images";
 const CHECKPOINT_DIR: &str = ".checkpoints";
+/// The shared directory and CRIU's work directories as the guest sees them.
+const GUEST_SHARED: &str = "/run/kata-rs/shared";
+const GUEST_WORK: &str = "/run/kata-rs/work";
+/// Exit status reported for a task whose restore failed (it never ran in this VM).
+const RESTORE_FAILED_STATUS: u32 = 255;
+/// The shim's report of a checkpoint, written beside the images and next to the bundle.
+const STATS_FILE: &str = "kata-rs-checkpoint-stats.json";
+
+/// Adds CRIU's own figures from its stats image (`stats-dump`/`stats-restore`, which CRIU writes to the
+/// work directory in the guest) to a report; returns the image's bytes to keep beside the images.
+async fn add_criu_stats(agent: &AgentClient, report: &mut serde_json::Map<String, serde_json::Value>, guest_path: String) -> Option<Vec<u8>> {
+    let r = ag::ReadFileTailRequest { path: guest_path.clone(), max_bytes: 4096, ..Default::default() };
+    let got = agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await;
+    let decoded = match got {
+        Ok(t) if t.file_size > 4096 => Err(format!("{guest_path}: {} bytes, too large for a stats image", t.file_size)),
+        Ok(t) => crate::criu_stats::decode(&guest_path, &t.data).map(|m| (m, t.data)).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("{guest_path}: {e}")),
+    };
+    match decoded {
+        Ok((m, data)) => {
+            for (k, v) in m {
+                report.insert(format!("criu.{k}"), v.into());
+            }
+            Some(data)
+        }
+        Err(e) => {
+            report.insert("criu_stats_error".into(), e.into());
+            None
+        }
+    }
+}
+
+fn write_report(path: &Path, report: &serde_json::Map<String, serde_json::Value>) {
+    let text = serde_json::to_string_pretty(report).unwrap_or_default() + "\n";
+    if let Err(e) = std::fs::write(path, text) {
+        warn!(path = %path.display(), error = %e, "writing the checkpoint/restore report");
+    }
+}
 
 /// Images can hold at most guest memory plus file contents: bound them at twice the guest memory + 1 GiB.
 fn max_image_bytes(guest_mem_mib: u64) -> u64 {
@@ -552,27 +635,26 @@ async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, n
 }
 
 impl TaskService {
-    async fn checkpoint_inner(&self, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+    async fn checkpoint_inner(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>) -> ttrpc::Result<Empty> {
         let opts = checkpoint::parse_options(req.options.as_ref()).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         let (agent, cid, paused, bundle, shared_dir, deadline_s, n, max) = {
             let mut g = self.state.lock().await;
             let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
             let status = st.init.status;
-            if !matches!(status, PStatus::Running | PStatus::Paused) {
-                return Err(err(Code::FAILED_PRECONDITION, format!("task {} is {status:?}: only a running or paused task can be checkpointed", st.id)));
-            }
+            checkpointable(&st.id, status, st.restore_pending).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
             st.checkpoints += 1;
             (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared_dir.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib))
         };
+        let (deadline_s, deadline_from) = checkpoint::effective_deadline(deadline_s, request_deadline);
         let target = PathBuf::from(if opts.image_path.is_empty() { &req.path } else { &opts.image_path });
         checkpoint::check_target_dir(&target).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         let staging_rel = format!("{CHECKPOINT_DIR}/{n}");
         let staging = shared_dir.join(&staging_rel);
         std::fs::create_dir_all(&staging).map_err(|e| err(Code::INTERNAL, format!("{}: {e}", staging.display())))?;
-        let work = format!("/run/kata-rs/work/checkpoint-{n}");
+        let work = format!("{GUEST_WORK}/checkpoint-{n}");
         let r = ag::CheckpointContainerRequest {
             container_id: cid.clone(),
-            image_path: format!("/run/kata-rs/shared/{staging_rel}"),
+            image_path: format!("{GUEST_SHARED}/{staging_rel}"),
             work_path: work.clone(),
             leave_running: !opts.exit,
             tcp_established: opts.open_tcp,
@@ -584,18 +666,35 @@ impl TaskService {
             deadline_s: deadline_s as u32,
             ..Default::default()
         };
-        info!(cid, n, paused, exit = opts.exit, target = %target.display(), "checkpoint");
+        info!(cid, n, paused, exit = opts.exit, target = %target.display(), deadline_s, deadline_from, "checkpoint");
         let started = std::time::Instant::now();
         let result = agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
         let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
         let outcome = match result {
             Err(e) => Err(err(Code::INTERNAL, format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}"))),
-            Ok(_) => checkpoint::copy_untrusted(&staging, &target, max).map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid}: {e}; CRIU log: {log}"))),
+            Ok(resp) => checkpoint::copy_untrusted(&staging, &target, max)
+                .map(|bytes| (bytes, resp.stats))
+                .map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid}: {e}; CRIU log: {log}"))),
         };
         let _ = crate::sandbox::remove_dir_all_no_follow(&staging);
         match outcome {
-            Ok(bytes) => {
-                info!(cid, n, bytes, secs = started.elapsed().as_secs_f64(), log, "checkpoint written");
+            Ok((bytes, agent_stats)) => {
+                let mut report = serde_json::Map::new();
+                report.insert("checkpoint_s".into(), started.elapsed().as_secs_f64().into());
+                report.insert("image_bytes".into(), bytes.into());
+                for (k, v) in agent_stats.lines().filter_map(|l| l.split_once('=')) {
+                    if let Ok(x) = v.trim().parse::<f64>() {
+                        report.insert(k.trim().to_string(), x.into());
+                    }
+                }
+                if let Some(raw) = add_criu_stats(&agent, &mut report, format!("{work}/stats-dump")).await {
+                    if let Err(e) = std::fs::write(target.join("stats-dump"), raw) {
+                        warn!(error = %e, "writing stats-dump beside the images");
+                    }
+                }
+                write_report(&target.join(STATS_FILE), &report);
+                write_report(&bundle.join(format!("criu-dump-{n}.stats.json")), &report);
+                info!(cid, n, log, stats = %serde_json::Value::Object(report), "checkpoint written");
                 Ok(Empty::new())
             }
             Err(e) => {
@@ -633,5 +732,20 @@ impl TaskService {
             self.publish(TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: cid, ..Default::default() })).await;
         }
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_running_or_paused_tasks_are_checkpointable() {
+        assert!(checkpointable("c", PStatus::Running, false).is_ok());
+        assert!(checkpointable("c", PStatus::Paused, false).is_ok());
+        let e = checkpointable("c", PStatus::Created, false).unwrap_err();
+        assert!(e.contains("task c is Created") && e.contains("start it"), "{e}");
+        assert!(checkpointable("c", PStatus::Created, true).unwrap_err().contains("not yet restored"));
+        assert!(checkpointable("c", PStatus::Stopped, false).unwrap_err().contains("task c is Stopped"));
     }
 }

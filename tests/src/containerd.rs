@@ -20,21 +20,37 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
 }
 
-/// The OCI image tar of the test busybox (built once from the guest image's busybox).
+/// The OCI image tar of the test image: the guest image's busybox plus /bin/memhog (tests/images/memhog.c,
+/// built static here). Rebuilt when memhog.c or the busybox binary is newer than the tar.
 pub fn busybox_image() -> PathBuf {
-    let out = workspace().join("build/images/busybox-oci.tar");
-    if !out.exists() {
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let bb = crate::guest_dir().join("test-rootfs/bin/busybox");
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = workspace().join("build/images");
+    let out = dir.join("busybox-oci.tar");
+    let src = workspace().join("tests/images/memhog.c");
+    let bb = crate::guest_dir().join("test-rootfs/bin/busybox");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match mtime(&out) {
+        None => true,
+        Some(t) => [&src, &bb].iter().any(|p| mtime(p).is_some_and(|m| m > t)),
+    };
+    if stale {
+        std::fs::create_dir_all(&dir).unwrap();
+        let memhog = dir.join("memhog");
+        let st = Command::new("gcc").args(["-O2", "-static", "-Wall", "-o"]).arg(&memhog).arg(&src).status().expect("running gcc");
+        assert!(st.success(), "building memhog");
+        let tmp = dir.join("busybox-oci.tar.tmp");
         let st = Command::new("python3")
             .arg(workspace().join("tests/images/mkimage.py"))
             .arg(&bb)
-            .arg(&out)
+            .arg(&tmp)
             .arg(IMAGE)
+            .arg(format!("{}:/bin/memhog", memhog.display()))
             .stdout(Stdio::null())
             .status()
             .unwrap();
         assert!(st.success(), "building the busybox OCI image");
+        std::fs::rename(&tmp, &out).unwrap();
     }
     out
 }
@@ -128,8 +144,13 @@ impl Containerd {
 
     /// `ctr run -d` of the busybox image under kata-rs.
     pub fn run_detached(&self, id: &str, extra: &[&str], cmd: &[&str]) {
+        self.run_detached_with(RUNTIME, id, extra, cmd)
+    }
+
+    /// `ctr run -d` of the busybox image under the given runtime.
+    pub fn run_detached_with(&self, runtime: &str, id: &str, extra: &[&str], cmd: &[&str]) {
         let fifo = self.dir.join("fifo").display().to_string();
-        let mut a = vec!["run", "-d", "--runtime", RUNTIME, "--fifo-dir", &fifo];
+        let mut a = vec!["run", "-d", "--runtime", runtime, "--fifo-dir", &fifo];
         a.extend_from_slice(extra);
         a.push(IMAGE);
         a.push(id);
@@ -139,7 +160,26 @@ impl Containerd {
 
     /// The host path of a container's rootfs (containerd's mount in the bundle).
     pub fn rootfs(&self, id: &str) -> PathBuf {
-        self.dir.join("state/io.containerd.runtime.v2.task/default").join(id).join("rootfs")
+        self.bundle(id).join("rootfs")
+    }
+
+    /// The bundle directory containerd made for `id`.
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.dir.join("state/io.containerd.runtime.v2.task/default").join(id)
+    }
+
+    /// A ttrpc client of the shim containerd started for `id` (its address file in the bundle): for
+    /// requests `ctr` cannot make, such as checkpoint options, which ctr sends to runc runtimes only.
+    pub fn shim_client(&self, id: &str) -> containerd_shim::protos::shim_sync::TaskClient {
+        let address = std::fs::read_to_string(self.bundle(id).join("address")).expect("the shim's address file");
+        let client = containerd_shim::protos::shim_sync::Client::connect(address.trim()).expect("connecting to the shim");
+        containerd_shim::protos::shim_sync::TaskClient::new(client)
+    }
+
+    /// Blobs of containerd's content store.
+    pub fn content_blobs(&self) -> Vec<PathBuf> {
+        let d = self.dir.join("root/io.containerd.content.v1.content/blobs/sha256");
+        std::fs::read_dir(d).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
     }
 
     /// The status column of `ctr task ls` for `id`.

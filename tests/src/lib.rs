@@ -184,6 +184,40 @@ pub async fn wait_counter(path: &Path, min: u64, limit: Duration) -> u64 {
     }
 }
 
+/// Waits until `path` exists with content that satisfies `ok`; returns the content.
+pub async fn wait_file(path: &Path, limit: Duration, ok: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if ok(&s) {
+                return s;
+            }
+        }
+        assert!(start.elapsed() < limit, "{} did not appear (or not as expected) within {limit:?}", path.display());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Tar entries (name, offset of the data, size) of an uncompressed tar file, PAX headers skipped.
+pub fn tar_entries(data: &[u8]) -> Vec<(String, usize, usize)> {
+    let mut out = vec![];
+    let mut off = 0;
+    while off + 512 <= data.len() {
+        let h = &data[off..off + 512];
+        if h.iter().all(|b| *b == 0) {
+            break;
+        }
+        let name = String::from_utf8_lossy(&h[..100]).trim_end_matches('\0').to_string();
+        let size_field = String::from_utf8_lossy(&h[124..136]).trim_matches(|c: char| c == '\0' || c == ' ').to_string();
+        let Ok(size) = usize::from_str_radix(&size_field, 8) else { break };
+        if !matches!(h[156], b'x' | b'g') {
+            out.push((name, off + 512, size));
+        }
+        off += 512 + size.div_ceil(512) * 512;
+    }
+    out
+}
+
 /// Panics if any of `pids` still exists (as a live process, not even a zombie).
 pub fn assert_gone(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -218,7 +252,7 @@ pub async fn stop_and_assert_clean(sb: Sandbox) {
     let pids = sb.vm.pids();
     assert!(pids.len() >= 2, "expected QEMU and at least one helper daemon, got {pids:?}");
     let dir = sb.dir.display().to_string();
-    sb.stop().await;
+    sb.stop(None).await;
     assert_gone(&pids);
     let left = processes_mentioning(&dir);
     assert!(left.is_empty(), "processes of {dir} left behind: {left:?}");

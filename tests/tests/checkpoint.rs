@@ -1,7 +1,13 @@
 //! Checkpoint and restore through containerd: ctr -> kata-rs shim -> runc/CRIU inside the guest.
 use std::time::Duration;
 
-use kata_rs_tests::{containerd::*, read_counter, wait_counter};
+use containerd_shim::protos::{
+    api::CheckpointTaskRequest,
+    protobuf::{well_known_types::any::Any, Message},
+    shim::oci::CheckpointOptions,
+    ttrpc::context,
+};
+use kata_rs_tests::{containerd::*, processes_mentioning, read_counter, tar_entries, wait_counter, wait_file};
 
 const T: Duration = Duration::from_secs(120);
 const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"];
@@ -63,5 +69,165 @@ async fn task_checkpoint_of_running_and_paused_tasks_and_bad_states() {
     assert!(e.contains("task p1 is Stopped"), "{e}");
     c.ctr_ok(&["task", "rm", "p1"]);
     c.ctr_ok(&["container", "rm", "p1"]);
+    c.assert_clean();
+}
+
+const MEMHOG: &[&str] = &["/bin/memhog", "256"];
+/// A 256 MiB fill and sum under TCG takes a while; restores of 256 MiB too.
+const SLOW: Duration = Duration::from_secs(300);
+
+fn sum_of(line: &str) -> String {
+    line.split_whitespace().find_map(|w| w.strip_prefix("sum=")).unwrap_or_default().to_string()
+}
+
+/// Asks memhog to sum its memory again; returns its "/verify" line once a fresh one is there.
+async fn verify_memory(c: &Containerd, id: &str) -> String {
+    let verify = c.rootfs(id).join("verify");
+    let _ = std::fs::remove_file(&verify);
+    c.ctr_ok(&["task", "kill", "-s", "SIGUSR1", id]);
+    wait_file(&verify, SLOW, |s| s.ends_with('\n')).await
+}
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_of_256_mib_survives_a_deadline_a_checkpoint_and_a_restore() {
+    let c = Containerd::start();
+    // A 1 s deadline for this container (annotation); a request's own deadline overrides it below.
+    c.run_detached("m1", &["--annotation", "io.kata-rs.checkpoint.deadline_s=1"], MEMHOG);
+    let fill = wait_file(&c.rootfs("m1").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    let filled = sum_of(&fill);
+    assert_eq!(filled.len(), 16, "{fill}");
+    wait_counter(&c.rootfs("m1").join("count"), 3, T).await;
+
+    // 1. The deadline: CRIU cannot dump 256 MiB in 1 s; the checkpoint fails soon with the deadline
+    //    error and CRIU's log, and the container is left running with its memory intact.
+    let started = std::time::Instant::now();
+    let o = c.ctr(&["tasks", "checkpoint", "m1"]);
+    let took = started.elapsed();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "a 1 s deadline on 256 MiB must fail");
+    assert!(e.contains("checkpoint deadline of 1 s exceeded"), "{e}");
+    assert!(took < Duration::from_secs(60), "the deadline error came after {took:?}, not within seconds: {e}");
+    let log = e.split("full CRIU log: ").nth(1).map(|l| l.split_whitespace().next().unwrap_or("").trim_end_matches(['"', ':']).to_string()).unwrap_or_default();
+    assert!(std::path::Path::new(&log).is_file(), "the error names the host copy of CRIU's log: {log:?} in {e}");
+    assert_eq!(c.task_status("m1").as_deref(), Some("RUNNING"), "containerd resumed it; CRIU let go of it");
+    let n = read_counter(&c.rootfs("m1").join("count"));
+    wait_counter(&c.rootfs("m1").join("count"), n + 3, T).await;
+    let v = verify_memory(&c, "m1").await;
+    assert!(v.contains(&format!("sum={filled} expected={filled} ok")), "memory after the killed dump: {v}");
+
+    // 2. Still checkpointable: with its own deadline (ctr --timeout) the request overrides the 1 s.
+    c.ctr_ok(&["--timeout", "900s", "containers", "checkpoint", "--task", "--rw", "--image", "m1", "kata-rs-test/mem:1"]);
+    assert_eq!(c.task_status("m1").as_deref(), Some("RUNNING"));
+    let stats = json(&c.bundle("m1").join("criu-dump-2.stats.json"));
+    eprintln!("checkpoint report: {stats}");
+    assert!(stats["image_bytes"].as_u64().unwrap() > 256 << 20, "{stats}");
+    assert!(stats["criu.dump.pages_written"].as_u64().unwrap() >= 65536, "CRIU wrote the 256 MiB: {stats}");
+    assert!(stats["runc_checkpoint_s"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(stats["criu.dump.memdump_time_us"].as_u64().is_some(), "{stats}");
+
+    // 3. Restored in a new VM, the memory sums to what was filled before the checkpoint.
+    c.ctr_ok(&["--timeout", "900s", "containers", "restore", "--live", "--rw", "m2", "kata-rs-test/mem:1"]);
+    assert_eq!(c.task_status("m2").as_deref(), Some("RUNNING"));
+    let v = verify_memory(&c, "m2").await;
+    assert!(v.contains(&format!("sum={filled} expected={filled} ok")), "memory after restore: {v} (filled {filled})");
+    let restore = json(&c.bundle("m2").join("criu-restore.stats.json"));
+    eprintln!("restore report: {restore}");
+    assert!(restore["restore_s"].as_f64().unwrap() > 0.0, "{restore}");
+    for id in ["m1", "m2"] {
+        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        c.wait_status(id, "STOPPED", T);
+        c.ctr_ok(&["task", "rm", id]);
+        c.ctr_ok(&["container", "rm", id]);
+    }
+    c.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_options_sent_to_the_shim_exit_and_bad_input() {
+    let c = Containerd::start();
+    c.run_detached("x1", &[], COUNTER);
+    wait_counter(&c.rootfs("x1").join("count"), 5, T).await;
+    // ctr sends CheckpointOptions to runc runtimes only: send them to the shim as containerd would.
+    let shim = c.shim_client("x1");
+    let ckpt = |dir: &std::path::Path, type_url: &str, opts: &CheckpointOptions| {
+        let req = CheckpointTaskRequest {
+            id: "x1".into(),
+            path: dir.display().to_string(),
+            options: Some(Any { type_url: type_url.into(), value: opts.write_to_bytes().unwrap(), ..Default::default() }).into(),
+            ..Default::default()
+        };
+        shim.checkpoint(context::with_timeout(0), &req)
+    };
+    let exit = CheckpointOptions { exit: true, ..Default::default() };
+    // An unknown options type and a non-empty directory are refused; nothing is written or lost.
+    let d1 = c.dir.join("ck-unknown");
+    std::fs::create_dir_all(&d1).unwrap();
+    let e = ckpt(&d1, "example.com/Bogus", &exit).unwrap_err().to_string();
+    assert!(e.contains("unknown checkpoint options type"), "{e}");
+    assert_eq!(std::fs::read_dir(&d1).unwrap().count(), 0);
+    let d2 = c.dir.join("ck-full");
+    std::fs::create_dir_all(&d2).unwrap();
+    std::fs::write(d2.join("keep"), "mine").unwrap();
+    let e = ckpt(&d2, "containerd.runc.v1.CheckpointOptions", &exit).unwrap_err().to_string();
+    assert!(e.contains("is not empty"), "{e}");
+    assert_eq!(std::fs::read_to_string(d2.join("keep")).unwrap(), "mine");
+    assert_eq!(c.task_status("x1").as_deref(), Some("RUNNING"));
+
+    // exit=true: a good dump, then the task stops and containerd hears of it.
+    let d3 = c.dir.join("ck-exit");
+    ckpt(&d3, "type.googleapis.com/containerd.runc.v1.CheckpointOptions", &exit).expect("checkpoint with exit");
+    assert!(d3.join("inventory.img").is_file(), "images written");
+    assert!(d3.join("kata-rs-checkpoint-stats.json").is_file(), "the shim's report is beside the images");
+    c.wait_status("x1", "STOPPED", T);
+    c.ctr_ok(&["task", "rm", "x1"]);
+    c.ctr_ok(&["container", "rm", "x1"]);
+    c.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_from_a_corrupted_image_fails_with_criu_errors_and_leaves_no_vm() {
+    let c = Containerd::start();
+    c.run_detached("k1", &[], COUNTER);
+    wait_counter(&c.rootfs("k1").join("count"), 5, T).await;
+    c.ctr_ok(&["containers", "checkpoint", "--task", "--rw", "--image", "k1", "kata-rs-test/bad:1"]);
+    // Corrupt the task's core image inside the checkpoint blob in containerd's content store.
+    let mut corrupted = 0;
+    for blob in c.content_blobs() {
+        let mut data = std::fs::read(&blob).unwrap();
+        let Some((name, off, size)) = tar_entries(&data).into_iter().find(|(n, _, _)| n.trim_start_matches("./") == "core-1.img") else { continue };
+        assert!(size > 16, "{name}: {size} bytes");
+        data[off..off + size].iter_mut().for_each(|b| *b ^= 0x5a);
+        std::fs::write(&blob, &data).unwrap();
+        corrupted += 1;
+    }
+    assert_eq!(corrupted, 1, "exactly one checkpoint blob holds core-1.img");
+
+    let o = c.ctr(&["containers", "restore", "--live", "--rw", "k2", "kata-rs-test/bad:1"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "restore from a corrupted image must fail");
+    assert!(e.contains("CRIU errors:") && e.contains("Error ("), "CRIU's error lines are in what ctr prints: {e}");
+    let log = e.split("full CRIU log: ").nth(1).map(|l| l.split_whitespace().next().unwrap_or("").trim_end_matches(['"', ':']).to_string()).unwrap_or_default();
+    assert!(std::path::Path::new(&log).is_file(), "the error names the host copy of restore.log: {log:?} in {e}");
+    // No VM is left for k2; the task (if containerd kept it) is stopped and can be removed.
+    let k2_dir = c.dir.join("kr/k2").display().to_string();
+    let start = std::time::Instant::now();
+    while !processes_mentioning(&k2_dir).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "VM of k2 still running: {:?}", processes_mentioning(&k2_dir));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    if let Some(s) = c.task_status("k2") {
+        assert_eq!(s, "STOPPED");
+        c.ctr_ok(&["task", "rm", "k2"]);
+    }
+    c.ctr_ok(&["container", "rm", "k2"]);
+    assert_eq!(c.task_status("k1").as_deref(), Some("RUNNING"), "the source container is untouched");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "k1"]);
+    c.wait_status("k1", "STOPPED", T);
+    c.ctr_ok(&["task", "rm", "k1"]);
+    c.ctr_ok(&["container", "rm", "k1"]);
     c.assert_clean();
 }

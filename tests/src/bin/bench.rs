@@ -37,7 +37,7 @@ async fn main() {
         times.push(t.elapsed().as_secs_f64());
         eprintln!("boot {}: {:.2} s (QEMU launch to agent answer {:.2} s, accel {})", i + 1, times[i], sb.boot_time.as_secs_f64(), sb.vm.accel);
         if i + 1 < boots {
-            sb.stop().await;
+            sb.stop(None).await;
         } else {
             last = Some(sb);
         }
@@ -65,13 +65,13 @@ async fn main() {
     result("qemu_rss_kib", rss_kib(pids[0]) as f64, "KiB", &format!("QEMU with a {} MiB guest (guest pages touched so far included)", test_config().hypervisor.memory_mib));
     let helpers: u64 = pids[1..].iter().map(|&p| rss_kib(p)).sum();
     result("vm_helper_daemons_rss_kib", helpers as f64, "KiB", "vhost-device-vsock + virtiofsd (they map guest memory: shared pages included)");
-    sb.stop().await;
+    sb.stop(None).await;
 
-    containerd_figures();
+    containerd_figures().await;
 }
 
 /// `ctr run --rm` until the container's output arrives, for kata-rs and runc in the same containerd.
-fn containerd_figures() {
+async fn containerd_figures() {
     use kata_rs_tests::containerd::{Containerd, IMAGE, RUNTIME};
     use std::io::Read;
     let c = Containerd::start();
@@ -124,4 +124,89 @@ fn containerd_figures() {
     c.wait_status("b-rss", "STOPPED", Duration::from_secs(60));
     c.ctr_ok(&["task", "rm", "b-rss"]);
     c.ctr_ok(&["container", "rm", "b-rss"]);
+    checkpoint_figures(&c).await;
+}
+
+/// Checkpoint tar blobs (holding inventory.img) in containerd's content store, with their sizes.
+fn checkpoint_blobs(c: &kata_rs_tests::containerd::Containerd) -> Vec<(std::path::PathBuf, u64)> {
+    c.content_blobs()
+        .into_iter()
+        .filter_map(|b| {
+            let data = std::fs::read(&b).ok()?;
+            tar_entries(&data).iter().any(|(n, _, _)| n.trim_start_matches("./") == "inventory.img").then(|| (b, data.len() as u64))
+        })
+        .collect()
+}
+
+fn report(c: &kata_rs_tests::containerd::Containerd, id: &str, file: &str) -> serde_json::Value {
+    std::fs::read(c.bundle(id).join(file)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Checkpoint and restore through ctr, for a small and a 256 MiB container, kata-rs and runc (host CRIU).
+async fn checkpoint_figures(c: &kata_rs_tests::containerd::Containerd) {
+    use kata_rs_tests::containerd::RUNTIME;
+    let limit = Duration::from_secs(600);
+    let counter: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"];
+    for (size, cmd) in [("small", counter), ("256mib", &["/bin/memhog", "256"][..])] {
+        for (name, runtime) in [("kata_rs", RUNTIME), ("runc_v2", "io.containerd.runc.v2")] {
+            let tag = format!("[{name},{size}]");
+            let id = format!("ck-{name}-{size}");
+            c.run_detached_with(runtime, &id, &[], cmd);
+            if size != "small" {
+                wait_file(&c.rootfs(&id).join("fill"), limit, |s| s.ends_with('\n')).await;
+            }
+            wait_counter(&c.rootfs(&id).join("count"), 3, limit).await;
+            let image = format!("kata-rs-bench/{id}:1");
+            let before = checkpoint_blobs(c);
+            let t = Instant::now();
+            let o = c.ctr(&["containers", "checkpoint", "--task", "--rw", "--image", &id, &image]);
+            let checkpoint_s = t.elapsed().as_secs_f64();
+            let ok = o.status.success();
+            if !ok {
+                let e = String::from_utf8_lossy(&o.stderr);
+                let why = e.lines().find(|l| l.contains("Error (")).or(e.lines().next()).unwrap_or("").trim().to_string();
+                let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+                let criu = std::process::Command::new("criu").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_else(|_| "no criu".into());
+                println!("# checkpoint figures {tag} skipped: the checkpoint failed on this host (kernel {kernel}, host {criu}): {why}");
+            } else {
+                result(&format!("checkpoint_s{tag}"), checkpoint_s, "s", "ctr containers checkpoint --task --rw --image (pause, dump, copy, content store, resume)");
+                if let Some((_, bytes)) = checkpoint_blobs(c).into_iter().find(|b| !before.contains(b)) {
+                    result(&format!("image_bytes{tag}"), bytes as f64, "B", "the checkpoint tar in containerd's content store");
+                }
+                if name == "kata_rs" {
+                    let r = report(c, &id, "criu-dump-1.stats.json");
+                    if let (Some(shim), Some(guest)) = (r["checkpoint_s"].as_f64(), r["runc_checkpoint_s"].as_f64()) {
+                        result(&format!("shim_checkpoint_s{tag}"), shim, "s", "the shim's Checkpoint call (guest dump + copy to containerd's dir)");
+                        result(&format!("criu_dump_in_guest_s{tag}"), guest, "s", "runc checkpoint (CRIU dump) inside the guest");
+                        if let Some(w) = r["criu.dump.memwrite_time_us"].as_u64() {
+                            result(&format!("criu_memwrite_s{tag}"), w as f64 / 1e6, "s", "CRIU's own stats-dump: writing pages to the shared dir");
+                        }
+                    }
+                }
+                let rid = format!("{id}-r");
+                let t = Instant::now();
+                let o = c.ctr(&["containers", "restore", "--live", "--rw", &rid, &image]);
+                let restore_s = t.elapsed().as_secs_f64();
+                if o.status.success() {
+                    let vm = if name == "kata_rs" { "new VM boot + " } else { "" };
+                    result(&format!("restore_s{tag}"), restore_s, "s", &format!("ctr containers restore --live --rw ({vm}CRIU restore)"));
+                    if name == "kata_rs" {
+                        if let Some(s) = report(c, &rid, "criu-restore.stats.json")["restore_s"].as_f64() {
+                            result(&format!("shim_restore_s{tag}"), s, "s", "the restore inside Start (CRIU restore in the guest), no VM boot");
+                        }
+                    }
+                } else {
+                    println!("# restore_s{tag} not measured: {}", String::from_utf8_lossy(&o.stderr).trim());
+                }
+                let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", &rid]);
+                let _ = c.ctr(&["task", "rm", "-f", &rid]);
+                let _ = c.ctr(&["container", "rm", &rid]);
+                let _ = c.ctr(&["images", "rm", "--sync", &image]);
+            }
+            c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+            c.wait_status(&id, "STOPPED", Duration::from_secs(60));
+            let _ = c.ctr(&["task", "rm", &id]);
+            let _ = c.ctr(&["container", "rm", &id]);
+        }
+    }
 }
