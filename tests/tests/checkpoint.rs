@@ -209,6 +209,7 @@ async fn restore_from_a_corrupted_image_fails_with_criu_errors_and_leaves_no_vm(
     let o = c.ctr(&["containers", "restore", "--live", "--rw", "k2", "kata-rs-test/bad:1"]);
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "restore from a corrupted image must fail");
+    eprintln!("ctr printed: {e}");
     assert!(e.contains("CRIU errors:") && e.contains("Error ("), "CRIU's error lines are in what ctr prints: {e}");
     let log = e.split("full CRIU log: ").nth(1).map(|l| l.split_whitespace().next().unwrap_or("").trim_end_matches(['"', ':']).to_string()).unwrap_or_default();
     assert!(std::path::Path::new(&log).is_file(), "the error names the host copy of restore.log: {log:?} in {e}");

@@ -53,10 +53,18 @@ impl Qmp {
     /// Connects to a QMP unix socket and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let err = |source| QmpError::Connect { path: path.display().to_string(), source };
-        let negotiation = tokio::time::timeout(timeout, qapi::futures::QmpStreamTokio::open_uds(path))
-            .await
-            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(err)?;
+        // QEMU creates the socket file before it listens: "connection refused" is retried until `timeout`.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let negotiation = loop {
+            match tokio::time::timeout_at(deadline, qapi::futures::QmpStreamTokio::open_uds(path)).await {
+                Err(_) => return Err(err(std::io::ErrorKind::TimedOut.into())),
+                Ok(Ok(n)) => break n,
+                Ok(Err(e)) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Err(e)) => return Err(err(e)),
+            }
+        };
         let stream = tokio::time::timeout(timeout, negotiation.negotiate())
             .await
             .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
