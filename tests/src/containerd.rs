@@ -82,10 +82,11 @@ impl Containerd {
         std::fs::write(
             dir.join("kata.toml"),
             format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
+                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\nvcpus = {}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
                 g.join("vmlinuz").display(),
                 g.join("initramfs.cpio.gz").display(),
                 kata.hypervisor.memory_mib,
+                kata.hypervisor.vcpus,
                 kata.runtime.root.display()
             ),
         )

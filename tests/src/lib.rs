@@ -30,6 +30,9 @@ pub fn test_config() -> Config {
     c.hypervisor.kernel = g.join("vmlinuz");
     c.hypervisor.initrd = g.join("initramfs.cpio.gz");
     c.hypervisor.memory_mib = 1024;
+    // One vCPU: with two vCPUs under TCG the guest kernel was seen soft-locked on both CPUs during
+    // `runc create` and a CRIU restore (docs/architecture.md, known limits).
+    c.hypervisor.vcpus = 1;
     c.runtime.root = PathBuf::from("/run/kata-rs-test");
     if let Ok(level) = std::env::var("KATA_RS_AGENT_LOG") {
         c.agent.log_level = level;
