@@ -164,6 +164,14 @@ impl Containerd {
         self.bundle(id).join("rootfs")
     }
 
+    /// SIGKILLs the task, waits until it is stopped, then removes task and container.
+    pub fn kill_and_remove(&self, id: &str) {
+        self.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        self.wait_status(id, "STOPPED", Duration::from_secs(120));
+        self.ctr_ok(&["task", "rm", id]);
+        self.ctr_ok(&["container", "rm", id]);
+    }
+
     /// The bundle directory containerd made for `id`.
     pub fn bundle(&self, id: &str) -> PathBuf {
         self.dir.join("state/io.containerd.runtime.v2.task/default").join(id)

@@ -34,10 +34,7 @@ async fn checkpoint_and_restore_in_a_new_vm_continues_the_counter() {
     wait_counter(&count2, first + 5, T).await;
     assert_eq!(std::fs::read_to_string(c.rootfs("c2").join("marker")).unwrap(), "kept\n", "the --rw rootfs diff survives");
     for id in ["c1", "c2"] {
-        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-        c.wait_status(id, "STOPPED", T);
-        c.ctr_ok(&["task", "rm", id]);
-        c.ctr_ok(&["container", "rm", id]);
+        c.kill_and_remove(id);
     }
     c.assert_clean();
 }
@@ -138,10 +135,7 @@ async fn memory_of_256_mib_survives_a_deadline_a_checkpoint_and_a_restore() {
     eprintln!("restore report: {restore}");
     assert!(restore["restore_s"].as_f64().unwrap() > 0.0, "{restore}");
     for id in ["m1", "m2"] {
-        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-        c.wait_status(id, "STOPPED", T);
-        c.ctr_ok(&["task", "rm", id]);
-        c.ctr_ok(&["container", "rm", id]);
+        c.kill_and_remove(id);
     }
     c.assert_clean();
 }
@@ -226,9 +220,6 @@ async fn restore_from_a_corrupted_image_fails_with_criu_errors_and_leaves_no_vm(
     }
     c.ctr_ok(&["container", "rm", "k2"]);
     assert_eq!(c.task_status("k1").as_deref(), Some("RUNNING"), "the source container is untouched");
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "k1"]);
-    c.wait_status("k1", "STOPPED", T);
-    c.ctr_ok(&["task", "rm", "k1"]);
-    c.ctr_ok(&["container", "rm", "k1"]);
+    c.kill_and_remove("k1");
     c.assert_clean();
 }
