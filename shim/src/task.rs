@@ -315,7 +315,7 @@ impl Task for TaskService {
     }
 
     async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
-        let request_deadline = (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64));
+        let request_deadline = request_deadline(ctx);
         let mut g = self.state.lock().await;
         let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
         let agent = st.agent.clone();
@@ -563,7 +563,7 @@ impl Task for TaskService {
     }
 
     async fn checkpoint(&self, ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
-        let request_deadline = (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64));
+        let request_deadline = request_deadline(ctx);
         // Its own task: should ttrpc drop this call at the caller's deadline, the cleanup still runs.
         let me = self.clone();
         tokio::spawn(async move { me.checkpoint_inner(req, request_deadline).await })
@@ -583,12 +583,21 @@ const RESTORE_FAILED_STATUS: u32 = 255;
 /// The shim's report of a checkpoint, written beside the images and next to the bundle.
 const STATS_FILE: &str = "kata-rs-checkpoint-stats.json";
 
+/// The caller's own deadline for this request, which containerd passes on as the ttrpc timeout.
+fn request_deadline(ctx: &TtrpcContext) -> Option<Duration> {
+    (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64))
+}
+
+/// The last `max_bytes` of a file the guest agent may read (its log and work directories).
+async fn read_guest_file(agent: &AgentClient, guest_path: &str, max_bytes: u32) -> Result<ag::ReadFileTailResponse, agent_client::AgentError> {
+    let r = ag::ReadFileTailRequest { path: guest_path.into(), max_bytes, ..Default::default() };
+    agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await
+}
+
 /// Adds CRIU's own figures from its stats image (`stats-dump`/`stats-restore`, which CRIU writes to the
 /// work directory in the guest) to a report; returns the image's bytes to keep beside the images.
 async fn add_criu_stats(agent: &AgentClient, report: &mut serde_json::Map<String, serde_json::Value>, guest_path: String) -> Option<Vec<u8>> {
-    let r = ag::ReadFileTailRequest { path: guest_path.clone(), max_bytes: 4096, ..Default::default() };
-    let got = agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await;
-    let decoded = match got {
+    let decoded = match read_guest_file(agent, &guest_path, 4096).await {
         Ok(t) if t.file_size > 4096 => Err(format!("{guest_path}: {} bytes, too large for a stats image", t.file_size)),
         Ok(t) => crate::criu_stats::decode(&guest_path, &t.data).map(|m| (m, t.data)).map_err(|e| e.to_string()),
         Err(e) => Err(format!("{guest_path}: {e}")),
@@ -621,8 +630,7 @@ fn max_image_bytes(guest_mem_mib: u64) -> u64 {
 
 /// Copies a guest log (CRIU's dump.log/restore.log) next to the bundle; returns its host path or why not.
 async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, name: &str) -> String {
-    let r = ag::ReadFileTailRequest { path: guest_path.into(), max_bytes: 4 << 20, ..Default::default() };
-    match agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await {
+    match read_guest_file(agent, guest_path, 4 << 20).await {
         Ok(t) => {
             let host = bundle.join(format!("criu-{name}"));
             match std::fs::write(&host, &t.data) {
