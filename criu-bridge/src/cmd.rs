@@ -6,7 +6,6 @@ use std::{
     time::Duration,
 };
 
-use nix::{sys::signal, unistd::Pid};
 use tracing::debug;
 
 use crate::reaper::Reaper;
@@ -44,14 +43,6 @@ fn read_bounded(mut r: impl Read) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// Spawns `cmd` (stdio already configured by the caller except stdout/stderr when `capture`)
-/// and returns its pid. The reaper reports its exit.
-pub fn spawn(reaper: &Reaper, cmd: &mut Command) -> std::io::Result<std::process::Child> {
-    let child = cmd.spawn()?;
-    reaper.forget(child.id() as i32);
-    Ok(child)
-}
-
 /// Runs a command to completion with stdout and stderr captured, killing it after `deadline`.
 pub async fn run(reaper: &Arc<Reaper>, program: &str, args: &[String], deadline: Option<Duration>) -> std::io::Result<Output> {
     let mut cmd = Command::new(program);
@@ -63,12 +54,12 @@ pub async fn run(reaper: &Arc<Reaper>, program: &str, args: &[String], deadline:
 /// `Stdio::piped()`; otherwise (container stdio handed to runc) the output fields stay empty.
 pub async fn run_command(reaper: &Arc<Reaper>, mut cmd: Command, deadline: Option<Duration>) -> std::io::Result<Output> {
     debug!(?cmd, "run");
-    let mut child = spawn(reaper, &mut cmd)?;
+    let (mut child, exit) = reaper.spawn(&mut cmd)?;
     drop(cmd);
-    let pid = child.id() as i32;
+    let pid = exit.pid;
     let out_h = child.stdout.take().map(|out| tokio::task::spawn_blocking(move || read_bounded(out)));
     let err_h = child.stderr.take().map(|err| tokio::task::spawn_blocking(move || read_bounded(err)));
-    let wait = reaper.wait(pid);
+    let wait = exit.wait();
     let (code, timed_out) = match deadline {
         None => (wait.await, false),
         Some(d) => {
@@ -76,7 +67,8 @@ pub async fn run_command(reaper: &Arc<Reaper>, mut cmd: Command, deadline: Optio
             match tokio::time::timeout(d, &mut wait).await {
                 Ok(c) => (c, false),
                 Err(_) => {
-                    let _ = signal::kill(Pid::from_raw(pid), signal::Signal::SIGKILL);
+                    // Through the reaper: the pid is signalled only while it is still this child.
+                    let _ = reaper.signal(pid, nix::sys::signal::Signal::SIGKILL);
                     (wait.await, true)
                 }
             }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use nix::{fcntl::OFlag, sys::signal::Signal, unistd::Pid};
+use nix::{fcntl::OFlag, sys::signal::Signal};
 use serde_json::Value;
 use tokio::sync::{watch, Mutex, OnceCell};
 use tracing::info;
@@ -180,12 +180,14 @@ impl Process {
         self.pid.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn watch_exit(&self, reaper: &Arc<Reaper>, pid: u32) {
+    /// `since`: when the runc command that started the process began (an older status is not its exit).
+    fn watch_exit(&self, reaper: &Arc<Reaper>, pid: u32, since: std::time::Instant) {
         self.pid.store(pid, std::sync::atomic::Ordering::SeqCst);
         let tx = self.exit_tx.clone();
-        let reaper = reaper.clone();
+        // Registered now, before this returns: from here on a signal reaches this process or nothing.
+        let exit = reaper.watch(pid as i32, since);
         tokio::spawn(async move {
-            let code = reaper.wait(pid as i32).await;
+            let code = exit.wait().await;
             info!(pid, code, "process exited");
             let _ = tx.send(Some(ExitInfo { code, at: SystemTime::now() }));
         });
@@ -425,6 +427,7 @@ impl Containers {
                 .arg(&bundle)
                 .arg("--pid-file")
                 .arg(&pid_file);
+            let since = std::time::Instant::now();
             let out = run_with_io(&self.reaper, c, id, io_setup, &mut init).await?;
             if !out.ok() {
                 let detail = runc_log_error(&bundle.join("runc.log"));
@@ -432,7 +435,7 @@ impl Containers {
                 return Err(runc_err("runc create".into(), &detail));
             }
             let pid = read_pid(&pid_file)?;
-            init.watch_exit(&self.reaper, pid);
+            init.watch_exit(&self.reaper, pid, since);
             None
         };
         let pid = init.pid();
@@ -483,12 +486,13 @@ impl Containers {
             .arg(&pid_file)
             .arg("--process")
             .arg(&pfile);
+        let since = std::time::Instant::now();
         let out = run_with_io(&self.reaper, cmd_, id, io_setup, &mut proc_).await?;
         if !out.ok() {
             return Err(runc_err("runc exec".into(), &runc_log_error(&c.bundle.join("runc.log"))));
         }
         let pid = read_pid(&pid_file)?;
-        proc_.watch_exit(&self.reaper, pid);
+        proc_.watch_exit(&self.reaper, pid, since);
         c.execs.insert(exec_id.into(), Arc::new(proc_));
         Ok(pid)
     }
@@ -515,7 +519,8 @@ impl Containers {
         if p.exited().is_some() {
             return Err(ContainerError::Invalid(format!("process {exec_id} has exited")));
         }
-        nix::sys::signal::kill(Pid::from_raw(p.pid() as i32), signal).map_err(|e| ContainerError::Io(format!("kill {}", p.pid()), e.into()))
+        // Through the reaper: never a pid that was reaped (and may have been reused) meanwhile.
+        self.reaper.signal(p.pid() as i32, signal).map_err(|_| ContainerError::Invalid(format!("process {exec_id} has exited")))
     }
 
     pub async fn pause(&self, id: &str, pause: bool) -> Result<()> {
@@ -677,25 +682,35 @@ impl Containers {
             .stdout(Stdio::from(child.stdout))
             .stderr(Stdio::from(child.stderr));
         let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
+        let since = std::time::Instant::now();
         let out = cmd::run_command(&self.reaper, cmd_, deadline).await.map_err(io("running runc restore"))?;
         if !out.ok() {
             let e = runc_err("runc restore".into(), &runc_log_error(&c.bundle.join("runc.log")));
             return Err(with_criu_log(e, &req.work_path, "restore.log"));
         }
         let pid = read_pid(&pid_file)?;
-        c.init.watch_exit(&self.reaper, pid);
+        c.init.watch_exit(&self.reaper, pid, since);
         c.status = Status::Running;
         Ok(pid)
     }
 }
 
-/// SIGKILLs every CRIU process in the guest (only checkpoints and restores run CRIU).
+/// SIGKILLs every CRIU process in the guest (only checkpoints and restores run CRIU). Each process is
+/// pinned with a pidfd before its name is checked, so a pid reused meanwhile is never signalled.
 fn kill_criu() {
     let Ok(entries) = fs::read_dir("/proc") else { return };
     for e in entries.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
         if fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == "criu").unwrap_or(false) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
         }
     }
 }

@@ -29,9 +29,36 @@ struct Inner {
     order: VecDeque<i32>,
 }
 
+/// Every change of the bookkeeping, and every `waitpid`, happens under one lock: a pid that has a
+/// waiter has not been reaped, so it cannot have been reused, and a child registered at spawn cannot
+/// be reaped before its waiter exists.
 #[derive(Default)]
 pub struct Reaper {
     inner: Mutex<Inner>,
+}
+
+/// The exit of one process, registered with the reaper.
+pub struct Exit {
+    pub pid: i32,
+    rx: Result<oneshot::Receiver<i32>, i32>,
+}
+
+impl Exit {
+    /// Waits for the process to exit; returns its status code.
+    pub async fn wait(self) -> i32 {
+        match self.rx {
+            Err(code) => code,
+            // The sender is only dropped with the reaper itself, which lives as long as the agent.
+            Ok(rx) => rx.await.unwrap_or(255),
+        }
+    }
+}
+
+/// A signal was not sent: the process already exited (and its pid may be another process's now).
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid} has already exited")]
+pub struct NotRunning {
+    pub pid: i32,
 }
 
 /// Exit status in shell convention: the exit code, or 128 + the signal number.
@@ -70,13 +97,23 @@ impl Reaper {
         r
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn reap_all(&self) {
+        self.reap(Pid::from_raw(-1))
+    }
+
+    /// Reaps `which` (-1: any child) until none is left to reap.
+    fn reap(&self, which: Pid) {
+        let mut g = self.lock();
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            match waitpid(which, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(ws) => {
                     if let Some((pid, code)) = status_code(ws) {
-                        self.deliver(pid, code);
+                        deliver(&mut g, pid, code, Instant::now());
                     }
                 }
                 Err(Errno::EINTR) => continue,
@@ -88,46 +125,68 @@ impl Reaper {
         }
     }
 
-    /// Records the exit of `pid` (public for unit tests of the bookkeeping).
+    /// Records the exit of `pid` (for unit tests of the bookkeeping).
+    #[cfg(test)]
     pub fn deliver(&self, pid: i32, code: i32) {
-        let mut g = self.inner.lock().unwrap();
-        if let Some(ws) = g.waiters.remove(&pid) {
-            debug!(pid, code, "reaped");
-            for w in ws {
-                let _ = w.send(code);
-            }
-            return;
-        }
-        debug!(pid, code, "reaped (unclaimed yet)");
-        g.unclaimed.insert(pid, (code, Instant::now()));
-        g.order.push_back(pid);
-        while g.order.len() > MAX_UNCLAIMED {
-            if let Some(old) = g.order.pop_front() {
-                g.unclaimed.remove(&old);
-            }
-        }
+        deliver(&mut self.lock(), pid, code, Instant::now());
     }
 
-    /// Forgets a stale unclaimed status for a pid that was just reused by a new child.
-    pub fn forget(&self, pid: i32) {
-        self.inner.lock().unwrap().unclaimed.remove(&pid);
+    /// Spawns `cmd` with its exit registered before it can be reaped.
+    pub fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, Exit)> {
+        let mut g = self.lock();
+        let child = cmd.spawn()?;
+        let pid = child.id() as i32;
+        // A status kept for this pid belongs to an earlier process: this child cannot have been reaped
+        // yet (reaping takes the lock held here).
+        g.unclaimed.remove(&pid);
+        let (tx, rx) = oneshot::channel();
+        g.waiters.entry(pid).or_default().push(tx);
+        Ok((child, Exit { pid, rx: Ok(rx) }))
     }
 
-    /// Waits for `pid` to exit and returns its status code.
-    pub async fn wait(&self, pid: i32) -> i32 {
-        let rx = {
-            let mut g = self.inner.lock().unwrap();
-            if let Some((code, at)) = g.unclaimed.remove(&pid) {
-                if at.elapsed() < KEEP_UNCLAIMED {
-                    return code;
-                }
+    /// Registers interest in a process this agent did not fork but inherits (a container's init or an
+    /// exec'd process, reparented to PID 1), which started after `since`. A status reaped before its
+    /// pid was known is found here; one reaped before `since` belonged to an earlier process.
+    pub fn watch(&self, pid: i32, since: Instant) -> Exit {
+        let mut g = self.lock();
+        if let Some((code, at)) = g.unclaimed.remove(&pid) {
+            if at >= since && at.elapsed() < KEEP_UNCLAIMED {
+                return Exit { pid, rx: Err(code) };
             }
-            let (tx, rx) = oneshot::channel();
-            g.waiters.entry(pid).or_default().push(tx);
-            rx
-        };
-        // The sender is only dropped with the reaper itself, which lives as long as the agent.
-        rx.await.unwrap_or(255)
+        }
+        let (tx, rx) = oneshot::channel();
+        g.waiters.entry(pid).or_default().push(tx);
+        Exit { pid, rx: Ok(rx) }
+    }
+
+    /// Sends `sig` to `pid` only while it has a waiter, i.e. it has not been reaped: a reaped pid may
+    /// already name another process.
+    pub fn signal(&self, pid: i32, sig: nix::sys::signal::Signal) -> Result<(), NotRunning> {
+        let g = self.lock();
+        if !g.waiters.contains_key(&pid) {
+            return Err(NotRunning { pid });
+        }
+        // ESRCH cannot happen for an unreaped pid; other errors are not ours to report.
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+        Ok(())
+    }
+}
+
+fn deliver(g: &mut Inner, pid: i32, code: i32, at: Instant) {
+    if let Some(ws) = g.waiters.remove(&pid) {
+        debug!(pid, code, "reaped");
+        for w in ws {
+            let _ = w.send(code);
+        }
+        return;
+    }
+    debug!(pid, code, "reaped (unclaimed yet)");
+    g.unclaimed.insert(pid, (code, at));
+    g.order.push_back(pid);
+    while g.order.len() > MAX_UNCLAIMED {
+        if let Some(old) = g.order.pop_front() {
+            g.unclaimed.remove(&old);
+        }
     }
 }
 
@@ -136,32 +195,72 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn status_before_wait_is_kept() {
+    async fn status_before_watch_is_kept() {
         let r = Reaper::default();
+        let since = Instant::now();
         r.deliver(42, 3);
-        assert_eq!(r.wait(42).await, 3);
+        assert_eq!(r.watch(42, since).wait().await, 3);
     }
 
     #[tokio::test]
-    async fn waiter_gets_later_status() {
+    async fn watcher_gets_later_status() {
         let r = Arc::new(Reaper::default());
-        let r2 = r.clone();
-        let h = tokio::spawn(async move { r2.wait(7).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let e = r.watch(7, Instant::now());
         r.deliver(7, 137);
-        assert_eq!(h.await.unwrap(), 137);
+        assert_eq!(e.wait().await, 137);
     }
 
     #[tokio::test]
-    async fn forget_drops_stale_status() {
+    async fn a_status_older_than_the_process_is_not_its_exit() {
         let r = Arc::new(Reaper::default());
         r.deliver(9, 1);
-        r.forget(9);
-        let r2 = r.clone();
-        let h = tokio::spawn(async move { r2.wait(9).await });
+        std::thread::sleep(Duration::from_millis(5));
+        let e = r.watch(9, Instant::now());
+        let h = tokio::spawn(e.wait());
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!h.is_finished(), "a forgotten status must not satisfy a new waiter");
+        assert!(!h.is_finished(), "a stale status must not satisfy a new watcher");
         r.deliver(9, 0);
         assert_eq!(h.await.unwrap(), 0);
+    }
+
+    // These tests reap only their own children (never waitpid(-1), which would take other tests' children).
+    #[tokio::test]
+    async fn a_child_that_exits_at_once_is_never_lost() {
+        let r = Arc::new(Reaper::default());
+        for _ in 0..50 {
+            let (_child, exit) = r.spawn(std::process::Command::new("/bin/sh").args(["-c", "exit 5"])).unwrap();
+            // Reap as PID 1 would, possibly before the caller looks at the exit.
+            let t0 = Instant::now();
+            let pid = exit.pid;
+            loop {
+                r.reap(Pid::from_raw(pid));
+                if !r.lock().waiters.contains_key(&pid) || t0.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(tokio::time::timeout(Duration::from_secs(10), exit.wait()).await.unwrap(), 5);
+        }
+    }
+
+    #[tokio::test]
+    async fn no_signal_after_reaping() {
+        let r = Arc::new(Reaper::default());
+        let (_child, exit) = r.spawn(&mut std::process::Command::new("/bin/true")).unwrap();
+        let pid = exit.pid;
+        while r.lock().waiters.contains_key(&pid) {
+            r.reap(Pid::from_raw(pid));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(exit.wait().await, 0);
+        assert!(r.signal(pid, nix::sys::signal::Signal::SIGKILL).is_err(), "a reaped pid is never signalled");
+        let (_child, exit) = r.spawn(std::process::Command::new("/bin/sleep").arg("30")).unwrap();
+        r.signal(exit.pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let pid = exit.pid;
+        while r.lock().waiters.contains_key(&pid) {
+            r.reap(Pid::from_raw(pid));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(exit.wait().await, 128 + 9);
     }
 }
