@@ -14,8 +14,12 @@ use crate::{
 pub enum AgentError {
     #[error("the guest agent at {addr} did not answer within {waited:?}; last error: {last}")]
     ConnectTimeout { addr: String, waited: Duration, last: String },
+    /// The guest answered with an error status. `code` is the status code as sent (a typed value, not
+    /// read from the text); `message` is the guest's text, bounded and with control characters escaped.
+    #[error("agent call {method} failed: {message} ({code:?})")]
+    Rpc { method: &'static str, code: ttrpc::Code, message: String },
     #[error("agent call {method} failed: {message}")]
-    Rpc { method: &'static str, message: String },
+    Call { method: &'static str, message: String },
     #[error("agent call {method} timed out after {timeout:?}")]
     Timeout { method: &'static str, timeout: Duration },
     #[error(transparent)]
@@ -27,6 +31,14 @@ impl AgentError {
     pub fn guest_message(&self) -> Option<&str> {
         match self {
             AgentError::Rpc { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    /// The status code the guest answered with, if it answered with an error status.
+    pub fn guest_code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentError::Rpc { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -101,7 +113,8 @@ impl AgentClient {
         match tokio::time::timeout(outer, f(self.inner.clone(), ctx)).await {
             Err(_) => Err(AgentError::Timeout { method, timeout }),
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(AgentError::Rpc { method, message: rpc_message(e) }),
+            Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(AgentError::Rpc { method, code: s.code(), message: bounded_text(s.message()) }),
+            Ok(Err(e)) => Err(AgentError::Call { method, message: bounded_text(&e.to_string()) }),
         }
     }
 
@@ -115,12 +128,37 @@ impl AgentClient {
     }
 }
 
-fn rpc_message(e: ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => {
-            let code = format!("{:?}", s.code());
-            format!("{} ({code})", s.message())
+/// Longest message from the guest kept in an error (the rest is cut, and the cut is said).
+pub const MAX_GUEST_MESSAGE: usize = 16 * 1024;
+
+/// Text from the guest made safe to log and show: at most [`MAX_GUEST_MESSAGE`] bytes, and control
+/// characters other than newline and tab escaped (no terminal escapes, no fake log lines).
+pub fn bounded_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_GUEST_MESSAGE) + 32);
+    for (i, ch) in s.char_indices() {
+        if i >= MAX_GUEST_MESSAGE {
+            out.push_str(&format!("... ({} more bytes cut)", s.len() - i));
+            break;
         }
-        other => other.to_string(),
+        match ch {
+            '\n' | '\t' => out.push(ch),
+            c if c.is_control() => out.push_str(&c.escape_default().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_is_bounded_and_escaped() {
+        assert_eq!(bounded_text("a\nb\tc"), "a\nb\tc");
+        assert_eq!(bounded_text("\x1b[31mred\r"), "\\u{1b}[31mred\\r");
+        let long = "x".repeat(MAX_GUEST_MESSAGE * 4);
+        let b = bounded_text(&long);
+        assert!(b.len() < MAX_GUEST_MESSAGE + 64 && b.ends_with("(49152 more bytes cut)"), "{}", &b[b.len() - 40..]);
     }
 }
