@@ -22,7 +22,8 @@ pub struct QemuArgs<'a> {
     pub accel: Accel,
     pub name: &'a str,
     pub qmp_socket: PathBuf,
-    pub console_log: PathBuf,
+    /// QEMU serves the serial console on this socket; the host reads it (bounded, see `console`).
+    pub console_socket: PathBuf,
     pub vsock: VsockDevice,
     /// virtiofsd socket (virtio-fs) or the shared directory itself (9p).
     pub virtiofsd_socket: Option<PathBuf>,
@@ -71,6 +72,11 @@ impl QemuArgs<'_> {
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&["-name", &format!("kata-rs-{},debug-threads=on", self.name)]);
         push(&["-no-user-config", "-nodefaults", "-nographic", "-no-reboot"]);
+        // Start paused: the host attaches to the console first, then lets the guest run (QMP cont).
+        push(&["-S"]);
+        if c.seccomp_sandbox {
+            push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        }
         push(&["-machine", &c.machine]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm"]),
@@ -86,7 +92,8 @@ impl QemuArgs<'_> {
         push(&["-kernel", &c.kernel.to_string_lossy()]);
         push(&["-initrd", &c.initrd.to_string_lossy()]);
         push(&["-append", &self.kernel_cmdline()]);
-        push(&["-serial", &format!("file:{}", self.console_log.display())]);
+        push(&["-chardev", &format!("socket,id=console0,path={},server=on,wait=off", self.console_socket.display())]);
+        push(&["-serial", "chardev:console0"]);
         push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_socket.display())]);
         push(&["-nic", "none"]);
         match &self.vsock {
@@ -126,7 +133,7 @@ mod tests {
             accel,
             name: "c1",
             qmp_socket: "/run/k/qmp.sock".into(),
-            console_log: "/run/k/console.log".into(),
+            console_socket: "/run/k/console.sock".into(),
             vsock,
             virtiofsd_socket: Some("/run/k/vfs.sock".into()),
             shared_dir: "/run/k/shared".into(),
@@ -149,6 +156,13 @@ mod tests {
         assert!(has_pair(&v, "-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsockchr"));
         assert!(has_pair(&v, "-device", "vhost-user-fs-pci,id=vfs0,chardev=vfschr,tag=kataShared"));
         assert!(has_pair(&v, "-qmp", "unix:/run/k/qmp.sock,server=on,wait=off"));
+        assert!(has_pair(&v, "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
+        assert!(has_pair(&v, "-chardev", "socket,id=console0,path=/run/k/console.sock,server=on,wait=off"));
+        assert!(has_pair(&v, "-serial", "chardev:console0"));
+        assert!(v.iter().any(|x| x == "-S"), "starts paused until the console is attached");
+        let c = VmConfig { seccomp_sandbox: false, ..c };
+        let v = args(&c, Accel::Tcg, VsockDevice::VhostUser { socket: "/run/k/vhu.sock".into() }).build();
+        assert!(!v.iter().any(|x| x == "-sandbox"));
         let append = &v[v.iter().position(|x| x == "-append").unwrap() + 1];
         assert!(append.contains("kata_rs.shared_fs=virtiofs"));
         assert!(append.ends_with("kata_rs.log=debug"));

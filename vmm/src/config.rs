@@ -75,6 +75,15 @@ pub struct VmConfig {
     pub qmp_timeout_s: u64,
     /// Time given to the guest to power off before QEMU is killed, in seconds.
     pub shutdown_timeout_s: u64,
+    /// QEMU's seccomp sandbox (`-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+    /// resourcecontrol=deny`). Turning it off is unsafe: a guest that exploits QEMU then has every
+    /// system call of a root process.
+    pub seccomp_sandbox: bool,
+    /// virtiofsd's own sandbox: "namespace" (mount, pid and net namespaces, pivot_root into the shared
+    /// directory) or "chroot" where namespaces are not available. There is no "none".
+    pub virtiofsd_sandbox: String,
+    /// Size of the console log file in KiB; one older file of the same size is kept, the rest dropped.
+    pub console_log_max_kib: u64,
 }
 
 impl Default for VmConfig {
@@ -97,6 +106,9 @@ impl Default for VmConfig {
             vhost_device_vsock_path: "vhost-device-vsock".into(),
             qmp_timeout_s: 10,
             shutdown_timeout_s: 5,
+            seccomp_sandbox: true,
+            virtiofsd_sandbox: "namespace".into(),
+            console_log_max_kib: 1024,
         }
     }
 }
@@ -129,6 +141,12 @@ impl VmConfig {
         if self.kernel_params.contains('\n') {
             return bad("kernel_params", "must be one line".into());
         }
+        if !matches!(self.virtiofsd_sandbox.as_str(), "namespace" | "chroot") {
+            return bad("virtiofsd_sandbox", format!("{:?} is not one of namespace, chroot (virtiofsd always runs sandboxed)", self.virtiofsd_sandbox));
+        }
+        if !(16..=1 << 20).contains(&self.console_log_max_kib) {
+            return bad("console_log_max_kib", format!("{} is out of range 16..=1048576", self.console_log_max_kib));
+        }
         Ok(())
     }
 }
@@ -160,6 +178,8 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("virtiofs_cache"));
         let c = VmConfig { vcpus: 0, ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("vcpus"));
+        let c = VmConfig { virtiofsd_sandbox: "none".into(), ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("virtiofsd_sandbox"));
     }
 
     #[test]

@@ -33,13 +33,19 @@ pub struct Daemon {
     pub pid: u32,
 }
 
-/// Last `max` bytes of a file, lossy UTF-8, trimmed.
+/// Last `max` bytes of a file (only those are read), lossy UTF-8, trimmed.
 pub fn tail_of(path: &Path, max: usize) -> String {
-    match std::fs::read(path) {
-        Ok(b) => {
-            let start = b.len().saturating_sub(max);
-            String::from_utf8_lossy(&b[start..]).trim().to_string()
-        }
+    use std::io::{Read, Seek, SeekFrom};
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(max as u64)))?;
+        let mut b = Vec::with_capacity(max.min(1 << 20));
+        f.take(max as u64).read_to_end(&mut b)?;
+        Ok(b)
+    };
+    match read() {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
         Err(e) => format!("(cannot read: {e})"),
     }
 }

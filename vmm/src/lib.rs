@@ -10,6 +10,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod qmp;
 pub mod vm;

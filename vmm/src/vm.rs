@@ -11,6 +11,7 @@ use crate::{
     accel::Accel,
     cmdline::{QemuArgs, VsockDevice},
     config::{resolve_program, VmConfig},
+    console::Console,
     daemon::{kill_recorded, tail_of, Daemon, DaemonError},
     qmp::{Qmp, QmpError},
     SharedFs, VsockSetting,
@@ -48,6 +49,19 @@ pub enum VmError {
         log: String,
         tail: String,
     },
+    #[error("cannot read the guest console of QEMU ({socket}): {source}; {log}: {tail}")]
+    Console {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+        log: String,
+        tail: String,
+    },
+    #[error("QEMU did not start the guest (QMP cont): {source}")]
+    Cont {
+        #[source]
+        source: QmpError,
+    },
     #[error("writing the VM state file {path}: {source}")]
     State {
         path: String,
@@ -68,6 +82,8 @@ pub struct VmSpec {
     pub config: VmConfig,
     pub accel: Accel,
     pub extra_kernel_params: Vec<String>,
+    /// A line the guest prints on its console once it is ready ([`Vm::console_marker_seen`]).
+    pub ready_marker: String,
 }
 
 /// Processes recorded on disk, so that a later `delete` can clean up after a dead owner.
@@ -87,7 +103,7 @@ pub struct Vm {
     daemons: Vec<Daemon>,
     qmp: Qmp,
     agent: AgentChannel,
-    console_log: PathBuf,
+    console: Console,
     shutdown_timeout: Duration,
     pub accel: Accel,
 }
@@ -125,8 +141,10 @@ impl Vm {
         }
         let dir = &spec.dir;
         let qmp_socket = dir.join("qmp.sock");
+        let console_socket = dir.join("console.sock");
         let console_log = dir.join("console.log");
         check_socket_path(&qmp_socket)?;
+        check_socket_path(&console_socket)?;
         let mut daemons = Vec::new();
         let mut state = VmState { pids: vec![], marker: dir.display().to_string() };
         let state_path = dir.join(STATE_FILE);
@@ -179,7 +197,7 @@ impl Vm {
             let socket = dir.join("vfs.sock");
             check_socket_path(&socket)?;
             let _ = std::fs::remove_file(&socket);
-            let args = virtiofsd_args(&program, &socket, &spec.shared_dir, &c.virtiofs_cache);
+            let args = virtiofsd_args(&program, &socket, &spec.shared_dir, &c.virtiofs_cache, &c.virtiofsd_sandbox);
             let mut d = Daemon::spawn("virtiofsd", &program, &args, dir.join("virtiofsd.log"))?;
             state.pids.push(d.pid);
             save_state(&state)?;
@@ -191,13 +209,13 @@ impl Vm {
         };
 
         let _ = std::fs::remove_file(&qmp_socket);
-        let _ = std::fs::remove_file(&console_log);
+        let _ = std::fs::remove_file(&console_socket);
         let args = QemuArgs {
             config: c,
             accel: spec.accel,
             name: &spec.id,
             qmp_socket: qmp_socket.clone(),
-            console_log: console_log.clone(),
+            console_socket: console_socket.clone(),
             vsock,
             virtiofsd_socket,
             shared_dir: spec.shared_dir.clone(),
@@ -220,6 +238,15 @@ impl Vm {
             teardown(Some(qemu), daemons, Duration::ZERO).await;
             return Err(err);
         }
+        // QEMU waits (-S) until the console is read, so that no output is lost and none piles up.
+        let console = match Console::attach(&console_socket, console_log, c.console_log_max_kib * 1024, &spec.ready_marker, limit).await {
+            Ok(con) => con,
+            Err(source) => {
+                let tail = tail_of(&qemu_log, 2000);
+                teardown(Some(qemu), daemons, Duration::ZERO).await;
+                return Err(VmError::Console { socket: console_socket.display().to_string(), source, log: qemu_log.display().to_string(), tail });
+            }
+        };
         let qmp = match Qmp::connect(&qmp_socket, limit).await {
             Ok(q) => q,
             Err(source) => {
@@ -228,6 +255,10 @@ impl Vm {
                 return Err(VmError::Qmp { source, log: qemu_log.display().to_string(), tail });
             }
         };
+        if let Err(source) = qmp.cont().await {
+            teardown(Some(qemu), daemons, Duration::ZERO).await;
+            return Err(VmError::Cont { source });
+        }
         info!(id = %spec.id, accel = %spec.accel, qemu_pid = qemu.pid, "VM started");
         Ok(Vm {
             dir: dir.clone(),
@@ -235,7 +266,7 @@ impl Vm {
             daemons,
             qmp,
             agent,
-            console_log,
+            console,
             shutdown_timeout: Duration::from_secs(c.shutdown_timeout_s),
             accel: spec.accel,
         })
@@ -253,13 +284,29 @@ impl Vm {
         &self.dir
     }
 
+    /// The console log file (capped; an older generation is `console.log.1`).
     pub fn console_log(&self) -> &Path {
-        &self.console_log
+        self.console.log_path()
     }
 
-    /// The last `max` bytes the guest wrote on its serial console.
+    /// The last `max` bytes the guest wrote on its serial console (at most the in-memory ring).
     pub fn console_tail(&self, max: usize) -> String {
-        tail_of(&self.console_log, max)
+        self.console.tail(max)
+    }
+
+    /// Has the guest printed the spec's `ready_marker` on its console?
+    pub fn console_marker_seen(&self) -> bool {
+        self.console.marker_seen()
+    }
+
+    /// Bytes the guest printed on its console so far.
+    pub fn console_bytes_seen(&self) -> u64 {
+        self.console.bytes_seen()
+    }
+
+    /// QEMU's pid (the task pid containerd sees), 0 once QEMU was stopped.
+    pub fn qemu_pid(&self) -> u32 {
+        self.qemu.as_ref().map(|q| q.pid).unwrap_or(0)
     }
 
     /// Pids of QEMU and every helper daemon.
@@ -304,7 +351,8 @@ pub fn cleanup_dir(dir: &Path) -> Vec<u32> {
     killed
 }
 
-fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str) -> Vec<String> {
+/// virtiofsd always runs in its own sandbox (`sandbox`: namespace or chroot) and with its seccomp filter.
+fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str, sandbox: &str) -> Vec<String> {
     // The C virtiofsd of QEMU <= 7.2 takes `-o` options; the Rust virtiofsd takes long flags.
     let rust_style = std::process::Command::new(program)
         .arg("--help")
@@ -316,7 +364,8 @@ fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str) -> 
             format!("--socket-path={}", socket.display()),
             format!("--shared-dir={}", shared.display()),
             format!("--cache={cache}"),
-            "--sandbox=none".into(),
+            format!("--sandbox={sandbox}"),
+            "--seccomp=kill".into(),
         ]
     } else {
         vec![
@@ -325,6 +374,8 @@ fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str) -> 
             format!("source={}", shared.display()),
             "-o".into(),
             format!("cache={cache}"),
+            "-o".into(),
+            format!("sandbox={sandbox}"),
         ]
     }
 }
