@@ -1,11 +1,14 @@
 //! Checkpoint logic that needs no VM: option mapping, the target directory's checks, and copying
 //! images out of the guest-writable staging directory without trusting it.
 use std::{
+    ffi::{OsStr, OsString},
     fs,
-    io::{Read, Write},
-    os::unix::fs::OpenOptionsExt,
     path::Path,
 };
+
+use tracing::warn;
+
+use crate::safefs::{self, Copied, Dir, Limits, SafeFsError};
 
 use containerd_shim::protos::{protobuf::{well_known_types::any::Any, Message}, shim::oci::CheckpointOptions};
 
@@ -101,70 +104,71 @@ pub fn check_target_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Copies `src` (written by the untrusted guest) into `dst`: only regular files and directories, no
-/// symlink followed or copied, nothing outside `dst`, at most `max_bytes` in all. Returns bytes copied.
-pub fn copy_untrusted(src: &Path, dst: &Path, max_bytes: u64) -> Result<u64, String> {
-    let mut total = 0u64;
-    copy_dir(src, dst, max_bytes, &mut total, 0)?;
-    Ok(total)
+/// Where checkpoint images are staged in the sandbox's shared directory: `.checkpoints/<n>` for a dump
+/// (CRIU in the guest writes there), `.restore-images` for a restore (the host writes there).
+pub const CHECKPOINT_DIR: &str = ".checkpoints";
+pub const RESTORE_DIR: &str = ".restore-images";
+
+/// Bounds of a set of CRIU images moved through the shared directory: bytes as given, a flat
+/// directory (one level of tolerance) of at most 20000 entries.
+pub fn image_limits(max_bytes: u64) -> Limits {
+    Limits { max_bytes, max_entries: 20_000, max_depth: 1 }
 }
 
-fn copy_dir(src: &Path, dst: &Path, max: u64, total: &mut u64, depth: u32) -> Result<(), String> {
-    if depth > 16 {
-        return Err(format!("{} is nested too deeply", src.display()));
-    }
-    let entries = fs::read_dir(src).map_err(|e| format!("{}: {e}", src.display()))?;
-    for e in entries {
-        let e = e.map_err(|e| format!("{}: {e}", src.display()))?;
-        let name = e.file_name();
-        let from = src.join(&name);
-        let to = dst.join(&name);
-        let m = fs::symlink_metadata(&from).map_err(|e| format!("{}: {e}", from.display()))?;
-        if m.file_type().is_symlink() {
-            return Err(format!("refusing symlink {} made by the guest", from.display()));
-        } else if m.is_dir() {
-            fs::create_dir(&to).map_err(|e| format!("{}: {e}", to.display()))?;
-            copy_dir(&from, &to, max, total, depth + 1)?;
-        } else if m.is_file() {
-            let mut r = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&from)
-                .map_err(|e| format!("{}: {e}", from.display()))?;
-            let mut w = fs::OpenOptions::new().write(true).create_new(true).open(&to).map_err(|e| format!("{}: {e}", to.display()))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = r.read(&mut buf).map_err(|e| format!("{}: {e}", from.display()))?;
-                if n == 0 {
-                    break;
-                }
-                *total += n as u64;
-                if *total > max {
-                    return Err(format!("checkpoint images exceed the limit of {max} bytes"));
-                }
-                w.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", to.display()))?;
-            }
-        } else {
-            return Err(format!("refusing special file {} made by the guest", from.display()));
-        }
-    }
-    Ok(())
+/// A staging directory made by the host in the guest-writable shared directory, pinned by descriptor.
+pub struct Staging {
+    parent: Dir,
+    name: OsString,
+    pub dir: Dir,
 }
 
-/// Empties a directory (keeps the directory itself), never following symlinks.
-pub fn empty_dir(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => {
-                    let _ = crate::sandbox::remove_dir_all_no_follow(&p);
-                }
-                _ => {
-                    let _ = fs::remove_file(&p);
-                }
-            }
+impl Staging {
+    /// Creates `.checkpoints/<n>` below the pinned shared directory. A symlink or anything else the guest
+    /// placed on the way is refused, never followed.
+    pub fn for_checkpoint(shared: &Dir, n: u32) -> Result<Staging, SafeFsError> {
+        let parent = shared.ensure_dir(OsStr::new(CHECKPOINT_DIR), 0o755)?;
+        let name = OsString::from(n.to_string());
+        // A leftover of this name (the host removes its own) was made by the guest: drop it first.
+        parent.remove_tree(&name)?;
+        let dir = parent.create_dir(&name, 0o777)?;
+        Ok(Staging { parent, name, dir })
+    }
+
+    /// Creates `.restore-images` below the pinned shared directory (refused if the guest made one).
+    pub fn for_restore(shared: &Dir) -> Result<Staging, SafeFsError> {
+        let name = OsString::from(RESTORE_DIR);
+        let dir = shared.create_dir(&name, 0o755)?;
+        let parent = shared.try_clone()?;
+        Ok(Staging { parent, name, dir })
+    }
+
+    /// Removes the staged images: first through the pinned descriptor (wherever the guest moved the
+    /// directory), then the name in its parent (a symlink put there is removed itself, not followed).
+    pub fn remove(&self) {
+        if let Err(e) = self.dir.remove_contents() {
+            warn!(dir = %self.dir.path().display(), error = %e, "emptying the staging directory");
         }
+        if let Err(e) = self.parent.remove_tree(&self.name) {
+            warn!(dir = %self.dir.path().display(), error = %e, "removing the staging directory");
+        }
+    }
+}
+
+/// Copies the images of `from` into the host directory `target` (containerd's), within `limits`;
+/// on failure `target` is emptied again. Returns what was copied.
+pub fn copy_images(from: &Dir, target: &Path, limits: Limits) -> Result<Copied, SafeFsError> {
+    let to = Dir::open_host(target)?;
+    let r = safefs::copy_tree(from, &to, limits);
+    if r.is_err() {
+        empty_host_dir(&to);
+    }
+    r
+}
+
+/// Empties a host directory (keeps the directory itself) through its descriptor, following no link.
+pub fn empty_host_dir(d: &Dir) {
+    if let Err(e) = d.remove_contents() {
+        warn!(dir = %d.path().display(), error = %e, "emptying the directory");
     }
 }
 
@@ -234,22 +238,47 @@ mod tests {
     }
 
     #[test]
-    fn copy_refuses_symlinks_and_bounds_size() {
-        let s = tmp("src");
-        let d = tmp("dst");
-        fs::create_dir(s.join("sub")).unwrap();
-        fs::write(s.join("pages-1.img"), vec![7u8; 4096]).unwrap();
-        fs::write(s.join("sub/inventory.img"), b"inv").unwrap();
-        assert_eq!(copy_untrusted(&s, &d, 1 << 20).unwrap(), 4099);
-        assert_eq!(fs::read(d.join("sub/inventory.img")).unwrap(), b"inv");
-        empty_dir(&d);
-        assert!(copy_untrusted(&s, &d, 100).unwrap_err().contains("exceed"));
-        empty_dir(&d);
-        std::os::unix::fs::symlink("/etc/shadow", s.join("evil")).unwrap();
-        assert!(copy_untrusted(&s, &d, 1 << 20).unwrap_err().contains("symlink"));
-        empty_dir(&d);
-        assert!(fs::read_dir(&d).unwrap().next().is_none());
+    fn staging_refuses_what_the_guest_placed() {
+        let shared = tmp("shared");
+        let canary = tmp("canary");
+        fs::write(canary.join("secret"), b"secret").unwrap();
+        let d = Dir::open_host(&shared).unwrap();
+        // .checkpoints swapped for a symlink to a host directory: refused, nothing made there.
+        std::os::unix::fs::symlink(&canary, shared.join(CHECKPOINT_DIR)).unwrap();
+        assert!(Staging::for_checkpoint(&d, 1).err().unwrap().to_string().contains("symlink"));
+        fs::remove_file(shared.join(CHECKPOINT_DIR)).unwrap();
+        // A leftover <n> (a symlink to the canary) is removed as a link, then made anew.
+        fs::create_dir(shared.join(CHECKPOINT_DIR)).unwrap();
+        std::os::unix::fs::symlink(&canary, shared.join(CHECKPOINT_DIR).join("2")).unwrap();
+        let s = Staging::for_checkpoint(&d, 2).unwrap();
+        fs::write(shared.join(".checkpoints/2/pages-1.img"), b"img").unwrap();
+        // The staging directory moved away and a symlink put in its place: removal empties the pinned
+        // directory and removes the symlink, never the canary.
+        fs::rename(shared.join(".checkpoints/2"), shared.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&canary, shared.join(".checkpoints/2")).unwrap();
+        s.remove();
+        assert!(!shared.join(".checkpoints/2").exists() && fs::symlink_metadata(shared.join(".checkpoints/2")).is_err());
+        assert!(fs::read_dir(shared.join("moved")).unwrap().next().is_none());
+        assert_eq!(fs::read(canary.join("secret")).unwrap(), b"secret");
+        // .restore-images made by the guest is refused.
+        std::os::unix::fs::symlink(&canary, shared.join(RESTORE_DIR)).unwrap();
+        assert!(Staging::for_restore(&d).err().unwrap().to_string().contains("already exists"));
+        let _ = fs::remove_dir_all(&shared);
+        let _ = fs::remove_dir_all(&canary);
+    }
+
+    #[test]
+    fn copy_images_empties_the_target_on_failure() {
+        let s = tmp("img-src");
+        let t = tmp("img-dst");
+        fs::write(s.join("a.img"), vec![1u8; 100]).unwrap();
+        fs::write(s.join("b.img"), vec![1u8; 100]).unwrap();
+        let src = Dir::open_host(&s).unwrap();
+        assert_eq!(copy_images(&src, &t, image_limits(1000)).unwrap().bytes, 200);
+        empty_host_dir(&Dir::open_host(&t).unwrap());
+        assert!(copy_images(&src, &t, image_limits(150)).unwrap_err().to_string().contains("150"));
+        assert!(fs::read_dir(&t).unwrap().next().is_none(), "a failed copy leaves nothing");
         let _ = fs::remove_dir_all(&s);
-        let _ = fs::remove_dir_all(&d);
+        let _ = fs::remove_dir_all(&t);
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod criu_stats;
 pub mod metrics;
 pub mod mounts;
+pub mod safefs;
 pub mod sandbox;
 pub mod shimcmd;
 pub mod spec;

@@ -54,9 +54,12 @@ impl ContainerMounts {
         Ok(me)
     }
 
-    /// Unmounts both (lazily, so a busy mount never blocks cleanup). Idempotent.
+    /// Unmounts the bundle's rootfs (lazily, so a busy mount never blocks cleanup). Idempotent.
+    ///
+    /// The bind mount in the shared directory is not unmounted by path: the guest can rename or swap
+    /// the directories above it, and `umount` would follow them. It goes away with the shared
+    /// directory's tmpfs ([`crate::sandbox::remove_sandbox_dir`]), which is unmounted with everything below it.
     pub fn teardown(&self) {
-        unmount_if_mounted(&self.shared_rootfs);
         if let Some(b) = &self.bundle_rootfs {
             unmount_if_mounted(b);
         }

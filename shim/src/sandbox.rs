@@ -1,6 +1,8 @@
 //! A sandbox: one VM and the connection to its agent.
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -8,7 +10,7 @@ use agent_client::{AgentClient, AgentError, Transport, AGENT_PORT};
 use tracing::{info, warn};
 use vmm::{accel, AgentChannel, Vm, VmError, VmSpec};
 
-use crate::config::Config;
+use crate::{config::Config, safefs::Dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -24,6 +26,8 @@ pub enum SandboxError {
     },
     #[error("QEMU exited while the guest was booting ({status}); guest console ({console}):\n{tail}")]
     QemuDied { status: String, console: String, tail: String },
+    #[error("preparing the sandbox directory {path}: {message}")]
+    Prepare { path: String, message: String },
 }
 
 /// The line the guest agent prints on the console once it listens on its vsock port.
@@ -34,9 +38,47 @@ pub struct Sandbox {
     pub vm: Vm,
     pub agent: AgentClient,
     pub dir: PathBuf,
+    /// Host path of the shared directory, for messages and for host-only setup before boot.
     pub shared_dir: PathBuf,
+    /// The shared directory, pinned: the host reaches what the guest wrote there only through it.
+    pub shared: Arc<Dir>,
     /// Launch of QEMU to the agent's first answer.
     pub boot_time: Duration,
+}
+
+/// A sandbox directory with its shared directory mounted, before the VM boots.
+pub struct Prepared {
+    pub id: String,
+    pub dir: PathBuf,
+    pub shared_dir: PathBuf,
+    shared: Arc<Dir>,
+}
+
+impl Prepared {
+    /// Unmounts the shared directory and removes the sandbox directory (a failed create).
+    pub fn discard(self) {
+        remove_sandbox_dir(&self.dir);
+    }
+}
+
+/// Bytes the guest may store in its shared directory (a tmpfs): images of a checkpoint of all its
+/// memory twice over (dump and restore staging) plus 1 GiB. Container rootfs are bind mounts below it
+/// and do not count.
+pub fn shared_dir_bytes(guest_mem_mib: u64) -> u64 {
+    (guest_mem_mib * 2 + 1024) << 20
+}
+/// Files and directories the guest may create in its shared directory.
+pub const SHARED_DIR_INODES: u64 = 65536;
+
+/// Mounts a private tmpfs on `shared` (size and inodes bounded; no devices, setuid or exec from it), so
+/// that what the guest writes there is bounded and goes away with one unmount, no walk.
+fn mount_shared(shared: &Path, bytes: u64) -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    std::fs::create_dir_all(shared).map_err(|e| e.to_string())?;
+    crate::mounts::unmount_if_mounted(shared);
+    let opts = format!("size={bytes},nr_inodes={SHARED_DIR_INODES},mode=0755");
+    mount(Some("kata-rs-shared"), shared, Some("tmpfs"), MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(opts.as_str()))
+        .map_err(|e| format!("mounting a tmpfs ({opts}): {e}"))
 }
 
 /// The last lines of a console log, for error messages.
@@ -52,10 +94,43 @@ impl Sandbox {
         config.runtime.root.join(id)
     }
 
-    /// Boots a VM for sandbox `id` and waits for its agent.
-    pub async fn start(config: &Config, id: &str) -> Result<Sandbox, SandboxError> {
+    /// Creates the sandbox directory and mounts its shared directory (no VM yet).
+    pub fn prepare(config: &Config, id: &str) -> Result<Prepared, SandboxError> {
         let dir = Self::dir_for(config, id);
         let shared_dir = dir.join("shared");
+        let fail = |message: String| SandboxError::Prepare { path: dir.display().to_string(), message };
+        std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+        if let Err(e) = mount_shared(&shared_dir, shared_dir_bytes(config.hypervisor.memory_mib as u64)) {
+            remove_sandbox_dir(&dir);
+            return Err(fail(e));
+        }
+        match Dir::open_host(&shared_dir) {
+            Ok(d) => Ok(Prepared { id: id.to_string(), dir, shared_dir, shared: Arc::new(d) }),
+            Err(e) => {
+                remove_sandbox_dir(&dir);
+                Err(fail(e.to_string()))
+            }
+        }
+    }
+
+    /// Boots a VM for sandbox `id` and waits for its agent.
+    pub async fn start(config: &Config, id: &str) -> Result<Sandbox, SandboxError> {
+        let p = Self::prepare(config, id)?;
+        Self::boot(config, p).await
+    }
+
+    /// Boots the VM of a prepared sandbox and waits for its agent. On failure the sandbox directory is
+    /// removed.
+    pub async fn boot(config: &Config, p: Prepared) -> Result<Sandbox, SandboxError> {
+        let r = Self::boot_inner(config, &p).await;
+        if r.is_err() {
+            p.discard();
+        }
+        r
+    }
+
+    async fn boot_inner(config: &Config, p: &Prepared) -> Result<Sandbox, SandboxError> {
+        let (id, dir, shared_dir) = (p.id.as_str(), p.dir.clone(), p.shared_dir.clone());
         let qemu = vmm::config::resolve_program(&config.hypervisor.qemu_path).unwrap_or_else(|| config.hypervisor.qemu_path.clone());
         let choice = accel::choose(&config.hypervisor, &qemu, &accel::default_cache_dir(&config.runtime.root)).await;
         info!(id, accel = %choice.accel, reason = %choice.reason, "starting sandbox VM");
@@ -66,6 +141,7 @@ impl Sandbox {
             config: config.hypervisor.clone(),
             accel: choice.accel,
             extra_kernel_params: vec![format!("kata_rs.log={}", config.agent.log_level)],
+            ready_marker: AGENT_READY_MARKER.into(),
         };
         let start = Instant::now();
         let mut vm = Vm::start(spec).await?;
@@ -79,7 +155,7 @@ impl Sandbox {
         // while the guest's vsock device is still initialising can leave vhost-device-vsock unable to
         // forward later ones (seen with 0.3.0: handshakes unanswered for 90 s after the agent was ready).
         loop {
-            if vm.console_tail(64 * 1024).contains(AGENT_READY_MARKER) {
+            if vm.console_marker_seen() {
                 break;
             }
             if let Some(status) = vm.qemu_exited() {
@@ -121,48 +197,39 @@ impl Sandbox {
         };
         let boot_time = start.elapsed();
         info!(id, boot_s = boot_time.as_secs_f64(), "guest agent ready");
-        Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, boot_time })
+        Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, shared: p.shared.clone(), boot_time })
     }
 
     /// Stops the VM and its daemons, removes the container's mounts (when given) and then the sandbox
-    /// directory (never following symlinks or crossing mounts).
+    /// directory: the shared directory's tmpfs is unmounted (with every mount below it), never walked.
     pub async fn stop(self, mounts: Option<&crate::mounts::ContainerMounts>) {
         self.vm.shutdown().await;
+        drop(self.shared);
+        remove_sandbox_dir(&self.dir);
         if let Some(m) = mounts {
             m.teardown();
-        }
-        if let Err(e) = remove_dir_all_no_follow(&self.dir) {
-            warn!(dir = %self.dir.display(), error = %e, "removing the sandbox directory");
         }
     }
 }
 
-/// Removes a directory tree without following symlinks and without crossing into other mounts
-/// (a bind-mounted rootfs below it must be unmounted first, never emptied).
-pub fn remove_dir_all_no_follow(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let top = match std::fs::symlink_metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    fn walk(p: &Path, dev: u64) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(p)? {
-            let entry = entry?;
-            let path = entry.path();
-            let m = std::fs::symlink_metadata(&path)?;
-            if m.is_dir() {
-                if m.dev() != dev {
-                    return Err(std::io::Error::other(format!("{} is a mount point; not removing it", path.display())));
-                }
-                walk(&path, dev)?;
-                std::fs::remove_dir(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(())
+/// Unmounts `<dir>/shared` (lazily, with every mount below it) and removes the sandbox directory, which
+/// then holds only what the host made (sockets, logs, state). Never follows a symlink or crosses a mount.
+pub fn remove_sandbox_dir(dir: &Path) {
+    crate::mounts::unmount_if_mounted(&dir.join("shared"));
+    if let Err(e) = remove_dir_all_no_follow(dir) {
+        warn!(dir = %dir.display(), error = %e, "removing the sandbox directory");
     }
-    walk(dir, top.dev())?;
-    std::fs::remove_dir(dir)
+}
+
+/// Removes a directory tree through pinned descriptors: no symlink is followed and no other mount is
+/// entered (a bind-mounted rootfs below it must be unmounted first, never emptied).
+pub fn remove_dir_all_no_follow(dir: &Path) -> Result<(), crate::safefs::SafeFsError> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(crate::safefs::SafeFsError::Refused { path: dir.display().to_string(), why: "no parent directory".into() });
+    };
+    match Dir::open_host(parent) {
+        Ok(p) => p.remove_tree(OsStr::new(name)).map(|_| ()),
+        Err(crate::safefs::SafeFsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }

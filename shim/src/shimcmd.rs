@@ -8,7 +8,7 @@ use containerd_shim::{
     asynchronous::{publisher::RemotePublisher, spawn, util::write_str_to_file, ExitSignal, Shim},
     Config as ShimConfig, Flags, StartOpts,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{config::Config, mounts, sandbox, task::TaskService};
 
@@ -31,11 +31,9 @@ pub fn shim_config() -> ShimConfig {
 pub fn cleanup_after_dead_shim(config: &Config, id: &str, bundle: &std::path::Path) -> Vec<u32> {
     let dir = sandbox::Sandbox::dir_for(config, id);
     let killed = vmm::vm::cleanup_dir(&dir);
-    mounts::unmount_if_mounted(&mounts::shared_rootfs(&dir.join("shared"), id));
+    // The shared directory's tmpfs goes with every mount below it (the rootfs bind mount).
+    sandbox::remove_sandbox_dir(&dir);
     mounts::unmount_if_mounted(&bundle.join("rootfs"));
-    if let Err(e) = sandbox::remove_dir_all_no_follow(&dir) {
-        warn!(dir = %dir.display(), error = %e, "removing the sandbox directory");
-    }
     killed
 }
 

@@ -23,7 +23,14 @@ use containerd_shim::{
 use tokio::{sync::{watch, Mutex}, task::JoinHandle};
 use tracing::{info, warn};
 
-use crate::{checkpoint, config::Config, mounts, sandbox::Sandbox, spec, stdio};
+use crate::{
+    checkpoint::{self, Staging, CHECKPOINT_DIR, RESTORE_DIR},
+    config::Config,
+    mounts,
+    safefs::Dir,
+    sandbox::Sandbox,
+    spec, stdio,
+};
 
 /// Agent calls that last as long as the process does.
 const LONG: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -34,18 +41,14 @@ fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
 }
 
+/// An agent error as a ttrpc status: the guest's status code is a typed value (never parsed from the
+/// message text the guest wrote), and only codes that tell containerd something are passed on.
 fn agent_err(e: agent_client::AgentError) -> ttrpc::Error {
-    let s = e.to_string();
-    let code = if s.contains("(NOT_FOUND)") {
-        Code::NOT_FOUND
-    } else if s.contains("(INVALID_ARGUMENT)") {
-        Code::INVALID_ARGUMENT
-    } else if s.contains("(ALREADY_EXISTS)") {
-        Code::ALREADY_EXISTS
-    } else {
-        Code::INTERNAL
+    let code = match e.guest_code() {
+        Some(c @ (Code::NOT_FOUND | Code::INVALID_ARGUMENT | Code::ALREADY_EXISTS | Code::FAILED_PRECONDITION)) => c,
+        _ => Code::INTERNAL,
     };
-    err(code, s)
+    err(code, e.to_string())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,7 +62,8 @@ enum PStatus {
 type ExitInfo = Option<(u32, Timestamp)>;
 
 struct Proc {
-    pid: u32,
+    /// The guest's pid of the process: for the shim's logs only, never given to containerd.
+    guest_pid: u32,
     status: PStatus,
     stdin: String,
     stdout: String,
@@ -76,7 +80,7 @@ impl Proc {
     fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Proc {
         let (tx, rx) = watch::channel(None);
         Proc {
-            pid: 0,
+            guest_pid: 0,
             status: PStatus::Created,
             stdin: stdin.into(),
             stdout: stdout.into(),
@@ -107,8 +111,12 @@ struct TaskState {
     init: Proc,
     execs: HashMap<String, Proc>,
     mounts: mounts::ContainerMounts,
-    /// Host path of the sandbox's shared directory.
-    shared_dir: PathBuf,
+    /// The sandbox's shared directory, pinned (the guest writes there).
+    shared: Arc<Dir>,
+    /// QEMU's pid: the task pid containerd and host tools see, for the init and every exec.
+    host_pid: u32,
+    /// Images staged for the restore that Start will do.
+    restore_staging: Option<checkpoint::Staging>,
     /// Deadline of one checkpoint/restore (configuration or the container's annotation), seconds.
     deadline_s: u64,
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
@@ -145,8 +153,9 @@ impl TaskService {
         }
     }
 
-    /// Waits for a started process to exit, lets its output drain, then records and publishes the exit.
-    fn spawn_waiter(&self, agent: AgentClient, cid: String, exec_id: String, pid: u32) {
+    /// Waits for a started process to exit, lets its output drain, then records and publishes the exit
+    /// (with `host_pid`, QEMU's pid, as the task pid).
+    fn spawn_waiter(&self, agent: AgentClient, cid: String, exec_id: String, host_pid: u32) {
         let me = self.clone();
         tokio::spawn(async move {
             let req = ag::ProcessRequest { container_id: cid.clone(), exec_id: exec_id.clone(), ..Default::default() };
@@ -176,7 +185,7 @@ impl TaskService {
             let _ = tx.send(Some((code, ts.clone())));
             info!(cid, exec_id, code, "process exited");
             let id = if exec_id.is_empty() { cid.clone() } else { exec_id.clone() };
-            me.publish(TASK_EXIT_EVENT_TOPIC, Box::new(TaskExit { container_id: cid, id, pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }))
+            me.publish(TASK_EXIT_EVENT_TOPIC, Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }))
                 .await;
         });
     }
@@ -199,27 +208,41 @@ impl TaskService {
         if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
             warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
         }
-        let sandbox_dir = Sandbox::dir_for(&config, &req.id);
-        let mounts = mounts::ContainerMounts::setup(&bundle, &req.rootfs, &sandbox_dir.join("shared"), &req.id)
-            .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-        let sandbox = match Sandbox::start(&config, &req.id).await {
+        let prepared = Sandbox::prepare(&config, &req.id).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let mounts = match mounts::ContainerMounts::setup(&bundle, &req.rootfs, &prepared.shared_dir, &req.id) {
+            Ok(m) => m,
+            Err(e) => {
+                prepared.discard();
+                return Err(err(Code::INTERNAL, e.to_string()));
+            }
+        };
+        let sandbox = match Sandbox::boot(&config, prepared).await {
             Ok(s) => s,
             Err(e) => {
                 mounts.teardown();
-                let _ = crate::sandbox::remove_dir_all_no_follow(&sandbox_dir);
                 return Err(err(Code::INTERNAL, e.to_string()));
             }
         };
         let agent = sandbox.agent.clone();
+        let mut restore_staging = None;
         if restore {
-            // Images from containerd (trusted, but bounded all the same) into the guest's view.
-            let staging = sandbox.shared_dir.join(RESTORE_DIR);
-            let copied = std::fs::create_dir_all(&staging)
-                .map_err(|e| e.to_string())
-                .and_then(|_| checkpoint::copy_untrusted(Path::new(&req.checkpoint), &staging, max_image_bytes(config.hypervisor.memory_mib as u64)));
-            if let Err(e) = copied {
-                sandbox.stop(Some(&mounts)).await;
-                return Err(err(Code::INVALID_ARGUMENT, format!("staging checkpoint {}: {e}", req.checkpoint)));
+            // Images from containerd (trusted, but bounded all the same) into the guest-writable shared
+            // directory, through pinned descriptors: nothing the guest placed there is followed.
+            let limits = checkpoint::image_limits(max_image_bytes(config.hypervisor.memory_mib as u64));
+            let staged = Staging::for_restore(&sandbox.shared).and_then(|st| {
+                let from = Dir::open_host(Path::new(&req.checkpoint))?;
+                let r = crate::safefs::copy_tree(&from, &st.dir, limits);
+                if r.is_err() {
+                    st.remove();
+                }
+                r.map(|_| st)
+            });
+            match staged {
+                Ok(st) => restore_staging = Some(st),
+                Err(e) => {
+                    sandbox.stop(Some(&mounts)).await;
+                    return Err(err(Code::INVALID_ARGUMENT, format!("staging checkpoint {} for the guest: {e}", req.checkpoint)));
+                }
             }
         }
         let creq = ag::CreateContainerRequest {
@@ -229,7 +252,7 @@ impl TaskService {
             for_restore: restore,
             ..Default::default()
         };
-        let pid = match agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &creq).await }).await {
+        let guest_pid = match agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &creq).await }).await {
             Ok(r) => r.pid,
             Err(e) => {
                 warn!(id = %req.id, error = %e, console_tail = %sandbox.vm.console_tail(4000), "CreateContainer failed; the guest console's end follows");
@@ -238,9 +261,10 @@ impl TaskService {
             }
         };
         let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        init.pid = pid;
+        init.guest_pid = guest_pid;
         init.start_io(&agent, &req.id, "");
-        let shared_dir = sandbox.shared_dir.clone();
+        let shared = sandbox.shared.clone();
+        let host_pid = sandbox.vm.qemu_pid();
         Ok(TaskState {
             id: req.id.clone(),
             bundle,
@@ -249,7 +273,9 @@ impl TaskService {
             init,
             execs: HashMap::new(),
             mounts,
-            shared_dir,
+            shared,
+            host_pid,
+            restore_staging,
             deadline_s,
             restore_pending: restore,
             checkpoints: 0,
@@ -295,7 +321,7 @@ impl Task for TaskService {
         }
         info!(id = %req.id, bundle = %req.bundle, "create");
         let st = self.create_inner(&req).await?;
-        let pid = st.init.pid;
+        let pid = st.host_pid;
         *g = Some(st);
         drop(g);
         self.publish(
@@ -321,18 +347,19 @@ impl Task for TaskService {
         let agent = st.agent.clone();
         let cid = st.id.clone();
         let st_restore_pending = st.restore_pending;
+        let host_pid = st.host_pid;
         let (deadline_s, deadline_from) = checkpoint::effective_deadline(st.deadline_s, request_deadline);
         let bundle = st.bundle.clone();
-        let staging = st.shared_dir.join(RESTORE_DIR);
         if req.exec_id.is_empty() {
             st.restore_pending = false;
         }
+        let restore_staging = if req.exec_id.is_empty() { st.restore_staging.take() } else { None };
         let p = st.proc_mut(&req.exec_id)?;
         if p.status != PStatus::Created {
             return Err(err(Code::FAILED_PRECONDITION, format!("process {}/{} is not in the created state", cid, req.exec_id)));
         }
         let restore = req.exec_id.is_empty() && st_restore_pending;
-        let pid = if restore {
+        let guest_pid = if restore {
             let work = format!("{GUEST_WORK}/restore");
             let r = ag::RestoreContainerRequest {
                 container_id: cid.clone(),
@@ -353,7 +380,9 @@ impl Task for TaskService {
                     add_criu_stats(&agent, &mut report, format!("{work}/stats-restore")).await;
                     write_report(&bundle.join("criu-restore.stats.json"), &report);
                     info!(cid, restore_s, stats = %serde_json::Value::Object(report), "restored");
-                    let _ = crate::sandbox::remove_dir_all_no_follow(&staging);
+                    if let Some(s) = restore_staging {
+                        s.remove();
+                    }
                     r.pid
                 }
                 Err(e) => {
@@ -368,7 +397,7 @@ impl Task for TaskService {
                     warn!(cid, error = %e, log, "restore failed; VM stopped");
                     self.publish(
                         TASK_EXIT_EVENT_TOPIC,
-                        Box::new(TaskExit { container_id: cid.clone(), id: cid.clone(), pid: 0, exit_status: RESTORE_FAILED_STATUS, exited_at: Some(ts).into(), ..Default::default() }),
+                        Box::new(TaskExit { container_id: cid.clone(), id: cid.clone(), pid: host_pid, exit_status: RESTORE_FAILED_STATUS, exited_at: Some(ts).into(), ..Default::default() }),
                     )
                     .await;
                     return Err(err(Code::INTERNAL, format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")));
@@ -383,9 +412,11 @@ impl Task for TaskService {
             p.start_io(&agent, &cid, &req.exec_id);
             pid
         };
-        p.pid = pid;
+        p.guest_pid = guest_pid;
         p.status = PStatus::Running;
         drop(g);
+        info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
+        let pid = host_pid;
         self.spawn_waiter(agent, cid.clone(), req.exec_id.clone(), pid);
         if req.exec_id.is_empty() {
             self.publish(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid, pid, ..Default::default() })).await;
@@ -398,13 +429,13 @@ impl Task for TaskService {
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
         let mut g = self.state.lock().await;
         let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
-        let (id, bundle) = (st.id.clone(), st.bundle.display().to_string());
+        let (id, bundle, host_pid) = (st.id.clone(), st.bundle.display().to_string(), st.host_pid);
         let p = st.proc_mut(&req.exec_id)?;
         let exit = p.exit_rx.borrow().clone();
         Ok(StateResponse {
             id,
             bundle,
-            pid: p.pid,
+            pid: if p.status == PStatus::Created && !req.exec_id.is_empty() { 0 } else { host_pid },
             status: status_of(p.status).into(),
             stdin: p.stdin.clone(),
             stdout: p.stdout.clone(),
@@ -492,11 +523,12 @@ impl Task for TaskService {
         self.pause_resume(&req.id, false).await
     }
 
+    /// The task's processes as host tools may use them: QEMU's pid (as Kata does). The guest's pids are
+    /// numbers the guest chose; a host tool that looked them up would find unrelated host processes.
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
-        let (agent, cid) = self.agent_of(&req.id).await?;
-        let r = ag::ContainerRequest { container_id: cid, ..Default::default() };
-        let pids = agent.call_default("ListProcesses", |c, ctx| async move { c.list_processes(ctx, &r).await }).await.map_err(agent_err)?.pids;
-        let processes = pids.into_iter().map(|pid| containerd_shim::protos::types::task::ProcessInfo { pid, ..Default::default() }).collect();
+        let g = self.state.lock().await;
+        let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        let processes = vec![containerd_shim::protos::types::task::ProcessInfo { pid: st.host_pid, ..Default::default() }];
         Ok(PidsResponse { processes, ..Default::default() })
     }
 
@@ -518,7 +550,7 @@ impl Task for TaskService {
 
     async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
         let g = self.state.lock().await;
-        let task_pid = g.as_ref().filter(|st| st.id == req.id).map(|st| st.init.pid).unwrap_or(0);
+        let task_pid = g.as_ref().filter(|st| st.id == req.id).map(|st| st.host_pid).unwrap_or(0);
         Ok(ConnectResponse { shim_pid: std::process::id(), task_pid, version: env!("CARGO_PKG_VERSION").into(), ..Default::default() })
     }
 
@@ -532,13 +564,13 @@ impl Task for TaskService {
             }
             let p = st.execs.remove(&req.exec_id).expect("checked");
             let (code, ts) = p.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
-            return Ok(DeleteResponse { pid: p.pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
+            return Ok(DeleteResponse { pid: st.host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
         }
         if matches!(st.init.status, PStatus::Running | PStatus::Paused) {
             return Err(err(Code::FAILED_PRECONDITION, format!("task {} is still running; kill it first", st.id)));
         }
         let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
-        let pid = st.init.pid;
+        let pid = st.host_pid;
         TaskService::teardown(st).await;
         let cid = st.id.clone();
         *g = None;
@@ -572,9 +604,6 @@ impl Task for TaskService {
     }
 }
 
-/// Staging directory names inside the sandbox's shared directory.
-const RESTORE_DIR: &str = ".restore-images";
-const CHECKPOINT_DIR: &str = ".checkpoints";
 /// The shared directory and CRIU's work directories as the guest sees them.
 const GUEST_SHARED: &str = "/run/kata-rs/shared";
 const GUEST_WORK: &str = "/run/kata-rs/work";
@@ -588,18 +617,26 @@ fn request_deadline(ctx: &TtrpcContext) -> Option<Duration> {
     (ctx.timeout_nano > 0).then(|| Duration::from_nanos(ctx.timeout_nano as u64))
 }
 
-/// The last `max_bytes` of a file the guest agent may read (its log and work directories).
-async fn read_guest_file(agent: &AgentClient, guest_path: &str, max_bytes: u32) -> Result<ag::ReadFileTailResponse, agent_client::AgentError> {
+/// The last `max_bytes` of a file the guest agent may read (its log and work directories). The answer
+/// is the guest's: only the bytes that arrived count (its `file_size` is not used), at most `max_bytes`.
+async fn read_guest_file(agent: &AgentClient, guest_path: &str, max_bytes: u32) -> Result<Vec<u8>, agent_client::AgentError> {
     let r = ag::ReadFileTailRequest { path: guest_path.into(), max_bytes, ..Default::default() };
-    agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await
+    let mut data = agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await?.data;
+    let extra = data.len().saturating_sub(max_bytes as usize);
+    data.drain(..extra);
+    Ok(data)
 }
+
+/// Size of CRIU's stats image: a few hundred bytes; more than this is refused.
+const MAX_STATS_IMAGE: u32 = 4096;
 
 /// Adds CRIU's own figures from its stats image (`stats-dump`/`stats-restore`, which CRIU writes to the
 /// work directory in the guest) to a report; returns the image's bytes to keep beside the images.
 async fn add_criu_stats(agent: &AgentClient, report: &mut serde_json::Map<String, serde_json::Value>, guest_path: String) -> Option<Vec<u8>> {
-    let decoded = match read_guest_file(agent, &guest_path, 4096).await {
-        Ok(t) if t.file_size > 4096 => Err(format!("{guest_path}: {} bytes, too large for a stats image", t.file_size)),
-        Ok(t) => crate::criu_stats::decode(&guest_path, &t.data).map(|m| (m, t.data)).map_err(|e| e.to_string()),
+    // Asks for one byte more than a stats image may have, to see a larger one and refuse it.
+    let decoded = match read_guest_file(agent, &guest_path, MAX_STATS_IMAGE + 1).await {
+        Ok(d) if d.len() > MAX_STATS_IMAGE as usize => Err(format!("{guest_path}: more than {MAX_STATS_IMAGE} bytes, too large for a stats image")),
+        Ok(d) => crate::criu_stats::decode(&guest_path, &d).map(|m| (m, d)).map_err(|e| e.to_string()),
         Err(e) => Err(format!("{guest_path}: {e}")),
     };
     match decoded {
@@ -613,6 +650,16 @@ async fn add_criu_stats(agent: &AgentClient, report: &mut serde_json::Map<String
             report.insert("criu_stats_error".into(), e.into());
             None
         }
+    }
+}
+
+/// Figures the agent reported ("key=value" lines): kept under `guest.`, so they never overwrite what the
+/// host measured; at most 32 of them, keys of at most 64 plain characters, finite numbers only.
+fn add_guest_figures(report: &mut serde_json::Map<String, serde_json::Value>, text: &str) {
+    let plain = |k: &str| !k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    let figures = text.lines().filter_map(|l| l.split_once('=')).filter_map(|(k, v)| Some((k.trim(), v.trim().parse::<f64>().ok().filter(|x| x.is_finite())?)));
+    for (k, x) in figures.filter(|(k, _)| plain(k)).take(32) {
+        report.insert(format!("guest.{k}"), x.into());
     }
 }
 
@@ -631,9 +678,9 @@ fn max_image_bytes(guest_mem_mib: u64) -> u64 {
 /// Copies a guest log (CRIU's dump.log/restore.log) next to the bundle; returns its host path or why not.
 async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, name: &str) -> String {
     match read_guest_file(agent, guest_path, 4 << 20).await {
-        Ok(t) => {
+        Ok(data) => {
             let host = bundle.join(format!("criu-{name}"));
-            match std::fs::write(&host, &t.data) {
+            match std::fs::write(&host, &data) {
                 Ok(()) => host.display().to_string(),
                 Err(e) => format!("(cannot write {}: {e}; guest path {guest_path})", host.display()),
             }
@@ -645,24 +692,23 @@ async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, n
 impl TaskService {
     async fn checkpoint_inner(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>) -> ttrpc::Result<Empty> {
         let opts = checkpoint::parse_options(req.options.as_ref()).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-        let (agent, cid, paused, bundle, shared_dir, deadline_s, n, max) = {
+        let (agent, cid, paused, bundle, shared, deadline_s, n, max) = {
             let mut g = self.state.lock().await;
             let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
             let status = st.init.status;
             checkpointable(&st.id, status, st.restore_pending).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
             st.checkpoints += 1;
-            (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared_dir.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib))
+            (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib))
         };
         let (deadline_s, deadline_from) = checkpoint::effective_deadline(deadline_s, request_deadline);
         let target = PathBuf::from(if opts.image_path.is_empty() { &req.path } else { &opts.image_path });
         checkpoint::check_target_dir(&target).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
-        let staging_rel = format!("{CHECKPOINT_DIR}/{n}");
-        let staging = shared_dir.join(&staging_rel);
-        std::fs::create_dir_all(&staging).map_err(|e| err(Code::INTERNAL, format!("{}: {e}", staging.display())))?;
+        // Pinned before the guest writes there: later swaps of the name cannot redirect the host.
+        let staging = Staging::for_checkpoint(&shared, n).map_err(|e| err(Code::INTERNAL, format!("checkpoint of {cid}: staging directory: {e}")))?;
         let work = format!("{GUEST_WORK}/checkpoint-{n}");
         let r = ag::CheckpointContainerRequest {
             container_id: cid.clone(),
-            image_path: format!("{GUEST_SHARED}/{staging_rel}"),
+            image_path: format!("{GUEST_SHARED}/{CHECKPOINT_DIR}/{n}"),
             work_path: work.clone(),
             leave_running: !opts.exit,
             tcp_established: opts.open_tcp,
@@ -680,21 +726,18 @@ impl TaskService {
         let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
         let outcome = match result {
             Err(e) => Err(err(Code::INTERNAL, format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}"))),
-            Ok(resp) => checkpoint::copy_untrusted(&staging, &target, max)
-                .map(|bytes| (bytes, resp.stats))
-                .map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid}: {e}; CRIU log: {log}"))),
+            Ok(resp) => checkpoint::copy_images(&staging.dir, &target, checkpoint::image_limits(max))
+                .map(|copied| (copied, resp.stats))
+                .map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid} from the guest: {e}; CRIU log: {log}"))),
         };
-        let _ = crate::sandbox::remove_dir_all_no_follow(&staging);
+        staging.remove();
         match outcome {
-            Ok((bytes, agent_stats)) => {
+            Ok((copied, agent_stats)) => {
                 let mut report = serde_json::Map::new();
                 report.insert("checkpoint_s".into(), started.elapsed().as_secs_f64().into());
-                report.insert("image_bytes".into(), bytes.into());
-                for (k, v) in agent_stats.lines().filter_map(|l| l.split_once('=')) {
-                    if let Ok(x) = v.trim().parse::<f64>() {
-                        report.insert(k.trim().to_string(), x.into());
-                    }
-                }
+                report.insert("image_bytes".into(), copied.bytes.into());
+                report.insert("image_files".into(), copied.files.into());
+                add_guest_figures(&mut report, &agent_stats);
                 if let Some(raw) = add_criu_stats(&agent, &mut report, format!("{work}/stats-dump")).await {
                     if let Err(e) = std::fs::write(target.join("stats-dump"), raw) {
                         warn!(error = %e, "writing stats-dump beside the images");
@@ -706,7 +749,7 @@ impl TaskService {
                 Ok(Empty::new())
             }
             Err(e) => {
-                checkpoint::empty_dir(&target);
+                checkpoint::empty_host_dir(&Dir::open_host(&target).map_err(|e2| err(Code::INTERNAL, format!("{e:?}; emptying {}: {e2}", target.display())))?);
                 Err(e)
             }
         }
@@ -746,6 +789,26 @@ impl TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_figures_never_overwrite_host_fields_and_are_bounded() {
+        let mut r = serde_json::Map::new();
+        r.insert("checkpoint_s".into(), 2.5.into());
+        r.insert("image_bytes".into(), 100u64.into());
+        let mut lies = String::from("checkpoint_s=0\nimage_bytes=99999999999999\nrunc_checkpoint_s=1.25\nx=NaN\ny=inf\n\u{1b}[2J=1\n");
+        lies.push_str(&format!("{}=1\n", "k".repeat(65)));
+        for i in 0..1000 {
+            lies.push_str(&format!("n{i}=1\n"));
+        }
+        add_guest_figures(&mut r, &lies);
+        assert_eq!(r["checkpoint_s"], 2.5);
+        assert_eq!(r["image_bytes"], 100);
+        assert_eq!(r["guest.checkpoint_s"], 0.0);
+        assert_eq!(r["guest.runc_checkpoint_s"], 1.25);
+        assert!(!r.contains_key("guest.x") && !r.contains_key("guest.y"), "non-finite numbers dropped");
+        assert!(r.keys().all(|k| !k.contains('\u{1b}') && k.len() <= 70));
+        assert_eq!(r.keys().filter(|k| k.starts_with("guest.")).count(), 32);
+    }
 
     #[test]
     fn only_running_or_paused_tasks_are_checkpointable() {

@@ -123,7 +123,7 @@ async fn memory_of_256_mib_survives_a_deadline_a_checkpoint_and_a_restore() {
     eprintln!("checkpoint report: {stats}");
     assert!(stats["image_bytes"].as_u64().unwrap() > 256 << 20, "{stats}");
     assert!(stats["criu.dump.pages_written"].as_u64().unwrap() >= 65536, "CRIU wrote the 256 MiB: {stats}");
-    assert!(stats["runc_checkpoint_s"].as_f64().unwrap() > 0.0, "{stats}");
+    assert!(stats["guest.runc_checkpoint_s"].as_f64().unwrap() > 0.0, "{stats}");
     assert!(stats["criu.dump.memdump_time_us"].as_u64().is_some(), "{stats}");
 
     // 3. Restored in a new VM, the memory sums to what was filled before the checkpoint.
