@@ -14,6 +14,10 @@ use crate::{config::Config, mounts, sandbox, task::TaskService};
 
 pub const RUNTIME_ID: &str = "io.containerd.kata-rs.v2";
 
+/// A file in the bundle naming the configuration file a runtime option chose at create, so that
+/// `delete` after a dead shim cleans up with the same configuration (its runtime root).
+pub const CONFIG_PATH_FILE: &str = "kata-rs-config-path";
+
 pub struct KataShim {
     exit: Arc<ExitSignal>,
     id: String,
@@ -55,7 +59,9 @@ impl Shim for KataShim {
     }
 
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        let config = Config::discover(None).unwrap_or_default();
+        // The configuration the task was created with (a runtime option may have named it).
+        let explicit = std::fs::read_to_string(self.bundle.join(CONFIG_PATH_FILE)).ok().map(|s| PathBuf::from(s.trim()));
+        let config = Config::discover(explicit.as_deref()).unwrap_or_default();
         let killed = cleanup_after_dead_shim(&config, &self.id, &self.bundle);
         info!(id = %self.id, ?killed, "cleaned up after a dead shim");
         Ok(DeleteResponse {

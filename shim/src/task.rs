@@ -201,6 +201,10 @@ impl TaskService {
         };
         let config = Config::discover(explicit.as_deref()).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let bundle = PathBuf::from(&req.bundle);
+        if let Some(p) = &explicit {
+            std::fs::write(bundle.join(crate::shimcmd::CONFIG_PATH_FILE), p.as_os_str().as_encoded_bytes())
+                .map_err(|e| err(Code::INTERNAL, format!("{}: {e}", bundle.display())))?;
+        }
         let raw = std::fs::read(bundle.join("config.json")).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
         let adapted = spec::adapt_for_guest(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;

@@ -219,7 +219,7 @@ impl Containerd {
         let d = self.dir.display().to_string();
         v.extend(mounts.lines().filter(|l| l.contains(&d) && !l.contains("/root/io.containerd")).map(|l| format!("mount: {l}")));
         if let Ok(entries) = std::fs::read_dir(self.dir.join("kr")) {
-            v.extend(entries.flatten().filter(|e| e.file_name() != "cache").map(|e| format!("dir: {}", e.path().display())));
+            v.extend(entries.flatten().filter(|e| e.file_name() != ".accel-cache").map(|e| format!("dir: {}", e.path().display())));
         }
         v
     }

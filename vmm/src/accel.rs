@@ -187,6 +187,8 @@ async fn probe_boot(qemu: &Path, config: &VmConfig, cpu: &str, limit: Duration) 
 }
 
 /// Where the probe verdict is cached by default.
+/// The probe cache beside the sandbox directories: a name no container id can take (containerd ids
+/// start with a letter or digit), so a container named `cache` cannot collide with it.
 pub fn default_cache_dir(runtime_root: &Path) -> PathBuf {
-    runtime_root.join("cache")
+    runtime_root.join(".accel-cache")
 }

@@ -132,17 +132,37 @@ impl Daemon {
     }
 }
 
-/// Kills processes recorded in a VM's state file whose command line still names `marker`
-/// (guards against pid reuse). Used by cleanup after the owner died.
+/// Does a command line (NUL-separated arguments) name a path inside directory `marker`? `/run/k/c1`
+/// matches an argument holding `/run/k/c1/qmp.sock`, never `/run/k/c10/qmp.sock`.
+fn names_dir(cmdline: &str, marker: &str) -> bool {
+    let dir = format!("{}/", marker.trim_end_matches('/'));
+    !marker.is_empty() && cmdline.split('\0').any(|arg| arg.contains(&dir) || arg.ends_with(marker.trim_end_matches('/')))
+}
+
+/// Kills processes recorded in a VM's state file whose command line still names a path inside the
+/// directory `marker` (guards against pid reuse). Used by cleanup after the owner died.
 pub fn kill_recorded(pids: &[u32], marker: &str) -> Vec<u32> {
     let mut killed = Vec::new();
     for &pid in pids {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if !marker.is_empty() && cmdline.contains(marker) {
+        if names_dir(&cmdline, marker) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             killed.push(pid);
         }
     }
     killed
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_sandbox_directory_does_not_match_a_longer_one() {
+        use super::names_dir;
+        let qemu = "qemu-system-x86_64\0-qmp\0unix:/run/kata-rs/c10/qmp.sock,server=on\0";
+        assert!(names_dir(qemu, "/run/kata-rs/c10"));
+        assert!(!names_dir(qemu, "/run/kata-rs/c1"));
+        assert!(names_dir("virtiofsd\0--socket-path=/run/kata-rs/c1/vfs.sock\0", "/run/kata-rs/c1"));
+        assert!(!names_dir("anything", ""));
+    }
 }
