@@ -30,15 +30,17 @@ unit-test:
 integration-test: guest-image build
 	$(CARGO) test --release -p kata-rs-tests --tests -- --test-threads=1
 
-# Unit tests, then VM and containerd 1.6 (Debian 12) end-to-end tests, then the containerd suite
-# again against containerd 1.7 (Debian 13's binaries, unpacked, not installed).
+# Unit tests, then VM, containerd 1.6, checkpoint and hostile-guest end-to-end tests, then the
+# containerd suite again against containerd 1.7 (Debian 13's binaries, unpacked, not installed).
+# Each suite runs once: a failure fails `make test`.
 test: setup guest-image build
 	$(CARGO) test --release --workspace --lib --bins
-	bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test vm -- --test-threads=1
-	bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
-	bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test checkpoint -- --test-threads=1
+	$(CARGO) test --release -p kata-rs-tests --test vm -- --test-threads=1
+	$(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
+	$(CARGO) test --release -p kata-rs-tests --test checkpoint -- --test-threads=1
+	$(CARGO) test --release -p kata-rs-tests --test hostile -- --test-threads=1
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd17.sh) \
-	  bash scripts/retry-once.sh $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
+	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 
 bench: guest-image build
 	$(CARGO) run --release -q -p kata-rs-tests --bin bench
