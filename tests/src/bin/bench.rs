@@ -67,7 +67,71 @@ async fn main() {
     result("vm_helper_daemons_rss_kib", helpers as f64, "KiB", "vhost-device-vsock + virtiofsd (they map guest memory: shared pages included)");
     sb.stop(None).await;
 
+    transfer_figures();
     containerd_figures().await;
+}
+
+/// Copying 256 MiB of checkpoint images out of a tmpfs (as the shared directory is) to a directory on
+/// disk (as containerd's is): the path-based walk kata-rs used before the guest was treated as hostile
+/// (re-implemented here as the baseline: read_dir, symlink_metadata, open by path) and the copy through
+/// pinned descriptors (openat2, fstat, bounds) it uses now. Same data, same run.
+fn transfer_figures() {
+    use kata_rs_shim::{checkpoint, safefs};
+    use std::io::Write;
+    let top = std::path::PathBuf::from(format!("/run/kata-rs-bench-transfer-{}", std::process::id()));
+    let dst_top = std::env::temp_dir().join(format!("kata-rs-bench-transfer-{}", std::process::id()));
+    let src = top.join("images");
+    let _ = std::fs::remove_dir_all(&top);
+    std::fs::create_dir_all(&src).unwrap();
+    let mut f = std::fs::File::create(src.join("pages-1.img")).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        for b in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    for i in 0..40 {
+        std::fs::write(src.join(format!("core-{i}.img")), vec![1u8; 4096]).unwrap();
+    }
+    fn path_walk(src: &std::path::Path, dst: &std::path::Path) -> u64 {
+        let mut total = 0;
+        for e in std::fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert!(m.is_file());
+            total += std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+        total
+    }
+    let reps = 3;
+    let (mut before, mut after) = (vec![], vec![]);
+    for i in 0..reps {
+        for (k, times) in [(0, &mut before), (1, &mut after)] {
+            let dst = dst_top.join(format!("{k}-{i}"));
+            std::fs::create_dir_all(&dst).unwrap();
+            let t = Instant::now();
+            let bytes = if k == 0 {
+                path_walk(&src, &dst)
+            } else {
+                let from = safefs::Dir::open_host(&src).unwrap();
+                checkpoint::copy_images(&from, &dst, checkpoint::image_limits(3 << 30)).unwrap().bytes
+            };
+            let _ = std::fs::File::open(&dst).and_then(|d| d.sync_all());
+            times.push(t.elapsed().as_secs_f64());
+            assert_eq!(bytes, (256 << 20) + 40 * 4096);
+            let _ = std::fs::remove_dir_all(&dst);
+        }
+    }
+    result("image_copy_s[path_walk_before,256mib]", median(before), "s", "median of 3: the old path-based copy out of the shared dir (baseline, re-implemented here)");
+    result("image_copy_s[pinned_fd_after,256mib]", median(after), "s", "median of 3: openat2/fstat/bounded copy through pinned descriptors (what the shim does now)");
+    let _ = std::fs::remove_dir_all(&top);
+    let _ = std::fs::remove_dir_all(&dst_top);
 }
 
 /// `ctr run --rm` until the container's output arrives, for kata-rs and runc in the same containerd.
@@ -175,7 +239,7 @@ async fn checkpoint_figures(c: &kata_rs_tests::containerd::Containerd) {
                 }
                 if name == "kata_rs" {
                     let r = report(c, &id, "criu-dump-1.stats.json");
-                    if let (Some(shim), Some(guest)) = (r["checkpoint_s"].as_f64(), r["runc_checkpoint_s"].as_f64()) {
+                    if let (Some(shim), Some(guest)) = (r["checkpoint_s"].as_f64(), r["guest.runc_checkpoint_s"].as_f64()) {
                         result(&format!("shim_checkpoint_s{tag}"), shim, "s", "the shim's Checkpoint call (guest dump + copy to containerd's dir)");
                         result(&format!("criu_dump_in_guest_s{tag}"), guest, "s", "runc checkpoint (CRIU dump) inside the guest");
                         if let Some(w) = r["criu.dump.memwrite_time_us"].as_u64() {
