@@ -240,6 +240,9 @@ pub enum Status {
     Created,
     Running,
     Paused,
+    /// runc checkpoint runs; the container's lock is not held meanwhile, so signals, ps and stats
+    /// still answer. Pause, resume, exec and remove are refused until it ends.
+    Checkpointing,
     Stopped,
 }
 
@@ -505,6 +508,12 @@ impl Containers {
             if c.init.exited().is_some() && !all {
                 return Err(ContainerError::Invalid(format!("container {id} has exited")));
             }
+            if !all {
+                // The init is this agent's (reparented) child: signalled through the reaper, at once
+                // (no runc start-up, which takes seconds under TCG while CRIU dumps) and never after
+                // it was reaped.
+                return self.reaper.signal(c.init.pid() as i32, signal).map_err(|_| ContainerError::Invalid(format!("container {id} is not running")));
+            }
             let s = (sig).to_string();
             let mut args = vec!["kill"];
             if all {
@@ -526,6 +535,9 @@ impl Containers {
     pub async fn pause(&self, id: &str, pause: bool) -> Result<()> {
         let c = self.get(id).await?;
         let mut c = c.lock().await;
+        if c.status == Status::Checkpointing {
+            return Err(ContainerError::Invalid(format!("container {id} is being checkpointed; try again when the checkpoint ends")));
+        }
         runc(&self.reaper, id, &[if pause { "pause" } else { "resume" }, id], Some(Duration::from_secs(60))).await?;
         c.status = if pause { Status::Paused } else { Status::Running };
         Ok(())
@@ -558,6 +570,9 @@ impl Containers {
         let c = self.get(id).await?;
         {
             let c = c.lock().await;
+            if c.status == Status::Checkpointing {
+                return Err(ContainerError::Invalid(format!("container {id} is being checkpointed; kill it or wait for the checkpoint to end")));
+            }
             // `delete --force` kills a running container; a never-started restore target has no runc state.
             if c.pending_stdio.is_none() {
                 if let Err(e) = runc(&self.reaper, id, &["delete", "--force", id], Some(Duration::from_secs(60))).await {
@@ -576,12 +591,8 @@ impl Containers {
     /// `runc checkpoint` with the options mapped; returns CRIU's stats lines.
     pub async fn checkpoint(&self, req: &agent_client::agent::CheckpointContainerRequest) -> Result<String> {
         let id = req.container_id.as_str();
-        let c = self.get(id).await?;
-        let mut c = c.lock().await;
-        if !matches!(c.status, Status::Running | Status::Paused) || c.init.exited().is_some() {
-            let state = if c.init.exited().is_some() { "stopped".to_string() } else { format!("{:?}", c.status).to_lowercase() };
-            return Err(ContainerError::Invalid(format!("container {id} is {state}: only a running or paused container can be checkpointed")));
-        }
+        let cont = self.get(id).await?;
+        // Before the container's lock is taken: the first check takes seconds under TCG.
         let verdict = self
             .criu_verdict
             .get_or_init(|| async {
@@ -592,6 +603,11 @@ impl Containers {
             .await;
         if let Err(why) = verdict {
             return Err(ContainerError::Invalid(format!("CRIU cannot checkpoint in this VM (criu check, run before the first checkpoint): {why}")));
+        }
+        let mut c = cont.lock().await;
+        if !matches!(c.status, Status::Running | Status::Paused) || c.init.exited().is_some() {
+            let state = if c.init.exited().is_some() { "stopped".to_string() } else { format!("{:?}", c.status).to_lowercase() };
+            return Err(ContainerError::Invalid(format!("container {id} is {state}: only a running or paused container can be checkpointed")));
         }
         // Every virtio-fs/9p mount the container sees must be one CRIU is told about.
         let mountinfo = fs::read_to_string(format!("/proc/{}/mountinfo", c.init.pid())).map_err(io("reading the container's mountinfo"))?;
@@ -628,6 +644,22 @@ impl Containers {
             args.push(ns.clone());
         }
         args.push(id.into());
+        // The dump runs without the container's lock (signals and ps still answer); the status says
+        // what runs, and is put back (or Stopped after a dump that ends the container) afterwards.
+        let before = c.status;
+        c.status = Status::Checkpointing;
+        let init = c.init.clone();
+        drop(c);
+        let r = self.run_checkpoint(id, req, &args, &init).await;
+        let mut c = cont.lock().await;
+        c.status = match (&r, req.leave_running) {
+            (Ok(_), false) => Status::Stopped,
+            _ => before,
+        };
+        r
+    }
+
+    async fn run_checkpoint(&self, id: &str, req: &agent_client::agent::CheckpointContainerRequest, args: &[String], init: &Process) -> Result<String> {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
         let started = std::time::Instant::now();
@@ -639,7 +671,7 @@ impl Containers {
                 // they were): give them a moment, then put the cgroup back as it was before the call.
                 kill_criu();
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                let survived = c.init.exited().is_none() && Path::new(&format!("/proc/{}", c.init.pid())).exists();
+                let survived = init.exited().is_none() && Path::new(&format!("/proc/{}", init.pid())).exists();
                 let (verb, left) = if req.already_frozen { ("pause", "paused") } else { ("resume", "running") };
                 if let Err(e) = runc(&self.reaper, id, &[verb, id], Some(Duration::from_secs(30))).await {
                     info!(id, error = %e, "after the deadline: runc {verb} (the container may already be {left})");
@@ -656,9 +688,6 @@ impl Containers {
         }
         let secs = started.elapsed().as_secs_f64();
         info!(id, secs, leave_running = req.leave_running, "runc checkpoint done");
-        if !req.leave_running {
-            c.status = Status::Stopped;
-        }
         Ok(format!("runc_checkpoint_s={secs:.3}\n"))
     }
 

@@ -18,6 +18,8 @@ use tracing::{error, info};
 
 const PROBE_MARKER: &str = "KATA_RS_PROBE_OK";
 const READY_MARKER: &str = "KATA_RS_AGENT_READY";
+/// Nice value of the agent's own threads (tools and containers run at 0).
+const AGENT_NICE: i32 = -10;
 
 fn main() {
     let pid1 = std::process::id() == 1;
@@ -57,6 +59,13 @@ fn run(pid1: bool) -> Result<()> {
         init::mount_shared(&params)?;
     }
     std::fs::create_dir_all(container::CONTAINERS_DIR)?;
+    if pid1 {
+        // The agent answers the host even while CRIU or a container saturates the guest's vCPU: its
+        // threads (created from here on) run at a higher priority; every tool it starts is put back to
+        // the normal one (reaper::Reaper::spawn).
+        // SAFETY: setpriority on the calling thread; no memory is passed.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, AGENT_NICE) };
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(serve(params))
 }

@@ -133,6 +133,15 @@ impl Reaper {
 
     /// Spawns `cmd` with its exit registered before it can be reaped.
     pub fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, Exit)> {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setpriority is async-signal-safe; it only resets the child's nice value to the normal 0
+        // (the agent itself runs at a higher priority).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+                Ok(())
+            });
+        }
         let mut g = self.lock();
         let child = cmd.spawn()?;
         let pid = child.id() as i32;
