@@ -22,6 +22,9 @@ pub enum AgentError {
     Call { method: &'static str, message: String },
     #[error("agent call {method} timed out after {timeout:?}")]
     Timeout { method: &'static str, timeout: Duration },
+    /// The VM stopped (QEMU exited, the guest panicked or shut down): no answer will come.
+    #[error("agent call {method} cannot be answered: the VM is gone ({reason})")]
+    VmGone { method: &'static str, reason: String },
     #[error(transparent)]
     Transport(#[from] TransportError),
 }
@@ -51,6 +54,8 @@ pub struct AgentClient {
     transport: Transport,
     /// Default deadline of one call.
     pub rpc_timeout: Duration,
+    /// Set (with the reason) once the VM is gone: calls then fail at once instead of at their deadline.
+    gone: Option<tokio::sync::watch::Receiver<Option<String>>>,
 }
 
 impl AgentClient {
@@ -68,6 +73,7 @@ impl AgentClient {
                         inner: agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket)),
                         transport: transport.clone(),
                         rpc_timeout,
+                        gone: None,
                     };
                     // Once connected, the first answer may take a while on a slow (TCG) guest: give it
                     // its own bound rather than what is left of this round.
@@ -90,6 +96,12 @@ impl AgentClient {
         Err(AgentError::ConnectTimeout { addr: transport.to_string(), waited: start.elapsed(), last })
     }
 
+    /// This client, failing every call at once (and every call in flight) when `gone` holds a reason.
+    pub fn with_vm_watch(mut self, gone: tokio::sync::watch::Receiver<Option<String>>) -> Self {
+        self.gone = Some(gone);
+        self
+    }
+
     pub fn transport(&self) -> &Transport {
         &self.transport
     }
@@ -110,7 +122,24 @@ impl AgentClient {
         let ctx = ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64);
         // A little slack so the guest's own timeout error (with its message) wins the race.
         let outer = timeout + Duration::from_secs(2);
-        match tokio::time::timeout(outer, f(self.inner.clone(), ctx)).await {
+        let call = tokio::time::timeout(outer, f(self.inner.clone(), ctx));
+        let result = match self.gone.clone() {
+            None => call.await,
+            Some(mut gone) => {
+                let reason = gone.borrow_and_update().clone();
+                if let Some(reason) = reason {
+                    return Err(AgentError::VmGone { method, reason });
+                }
+                tokio::select! {
+                    r = call => r,
+                    _ = gone.changed() => {
+                        let reason = gone.borrow().clone().unwrap_or_else(|| "the VM was stopped".into());
+                        return Err(AgentError::VmGone { method, reason });
+                    }
+                }
+            }
+        };
+        match result {
             Err(_) => Err(AgentError::Timeout { method, timeout }),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(AgentError::Rpc { method, code: s.code(), message: bounded_text(s.message()) }),

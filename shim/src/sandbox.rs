@@ -44,6 +44,35 @@ pub struct Sandbox {
     pub shared: Arc<Dir>,
     /// Launch of QEMU to the agent's first answer.
     pub boot_time: Duration,
+    /// Holds why the VM is gone once it is (QEMU exited, the guest panicked, shut down or reset); the
+    /// agent client fails every call at once from then on.
+    pub gone: tokio::sync::watch::Receiver<Option<String>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+/// Watches a VM's QMP events: the first SHUTDOWN, GUEST_PANICKED or RESET, or the QMP connection
+/// closing (QEMU exited, however it died), is sent as the reason the VM is gone.
+fn watch_vm(vm: &Vm, id: &str) -> (tokio::sync::watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
+    use vmm::qmp::VmEvent;
+    let mut events = vm.qmp().subscribe();
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let id = id.to_string();
+    let task = tokio::spawn(async move {
+        let reason = loop {
+            match events.recv().await {
+                Ok(VmEvent::Shutdown { guest, reason }) => break format!("QEMU shut down ({}, reason {reason})", if guest { "by the guest" } else { "by the host" }),
+                Ok(VmEvent::GuestPanicked) => break "the guest kernel panicked".to_string(),
+                Ok(VmEvent::Other(name)) if name == "RESET" => break "the guest reset".to_string(),
+                Ok(VmEvent::Closed) | Err(tokio::sync::broadcast::error::RecvError::Closed) => break "QEMU exited".to_string(),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            }
+        };
+        warn!(id, reason, "the VM is gone");
+        let _ = tx.send(Some(reason));
+        // Keep the sender, so that receivers see the reason rather than a closed channel.
+        std::future::pending::<()>().await;
+    });
+    (rx, task)
 }
 
 /// A sandbox directory with its shared directory mounted, before the VM boots.
@@ -197,12 +226,16 @@ impl Sandbox {
         };
         let boot_time = start.elapsed();
         info!(id, boot_s = boot_time.as_secs_f64(), "guest agent ready");
-        Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, shared: p.shared.clone(), boot_time })
+        let (gone, watcher) = watch_vm(&vm, id);
+        let agent = agent.with_vm_watch(gone.clone());
+        Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, shared: p.shared.clone(), boot_time, gone, watcher })
     }
 
     /// Stops the VM and its daemons, removes the container's mounts (when given) and then the sandbox
     /// directory: the shared directory's tmpfs is unmounted (with every mount below it), never walked.
     pub async fn stop(self, mounts: Option<&crate::mounts::ContainerMounts>) {
+        // A stop the host asked for is not a VM that died.
+        self.watcher.abort();
         self.vm.shutdown().await;
         drop(self.shared);
         remove_sandbox_dir(&self.dir);

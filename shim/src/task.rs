@@ -54,9 +54,31 @@ fn agent_err(e: agent_client::AgentError) -> ttrpc::Error {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PStatus {
     Created,
+    /// Start is running (runc start or exec in the guest); reported as created.
+    Starting,
+    /// Start of a task created from a checkpoint is restoring it; reported as created.
+    Restoring,
     Running,
     Paused,
     Stopped,
+}
+
+/// Only a created process can be started.
+fn can_start(id: &str, exec_id: &str, status: PStatus) -> Result<(), String> {
+    match status {
+        PStatus::Created => Ok(()),
+        PStatus::Starting | PStatus::Restoring => Err(format!("process {id}/{exec_id} is already being started")),
+        _ => Err(format!("process {id}/{exec_id} is not in the created state")),
+    }
+}
+
+/// A process can be deleted when it has not started or has stopped; never while it starts, runs or restores.
+fn can_delete(id: &str, status: PStatus) -> Result<(), String> {
+    match status {
+        PStatus::Created | PStatus::Stopped => Ok(()),
+        PStatus::Starting | PStatus::Restoring => Err(format!("{id} is being started; delete it when its start has ended")),
+        PStatus::Running | PStatus::Paused => Err(format!("{id} is still running; kill it first")),
+    }
 }
 
 type ExitInfo = Option<(u32, Timestamp)>;
@@ -122,6 +144,10 @@ struct TaskState {
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
     restore_pending: bool,
     checkpoints: u32,
+    /// A checkpoint runs (without the lock): a second one and Delete are refused meanwhile.
+    checkpointing: bool,
+    /// Why the VM is gone, once it is (the watcher saw QEMU exit, a panic, a shutdown or a reset).
+    vm_gone: Option<String>,
     guest_mem_mib: u64,
 }
 
@@ -137,6 +163,9 @@ impl TaskState {
 #[derive(Clone)]
 pub struct TaskService {
     state: Arc<Mutex<Option<TaskState>>>,
+    /// The Create request while its VM boots (the state lock is not held meanwhile): State answers
+    /// "created" for it, a second Create is refused.
+    creating: Arc<std::sync::Mutex<Option<CreateTaskRequest>>>,
     publisher: Arc<RemotePublisher>,
     namespace: String,
     exit: Arc<ExitSignal>,
@@ -144,7 +173,21 @@ pub struct TaskService {
 
 impl TaskService {
     pub fn new(publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
-        TaskService { state: Arc::new(Mutex::new(None)), publisher: Arc::new(publisher), namespace, exit }
+        TaskService { state: Arc::new(Mutex::new(None)), creating: Arc::default(), publisher: Arc::new(publisher), namespace, exit }
+    }
+
+    fn creating_lock(&self) -> std::sync::MutexGuard<'_, Option<CreateTaskRequest>> {
+        self.creating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The error for a call on a task this shim does not hold: "being created" while its VM boots (so
+    /// that containerd does not take it for gone), else not found.
+    fn no_task(&self, id: &str) -> ttrpc::Error {
+        if self.creating_lock().as_ref().is_some_and(|c| c.id == id) {
+            err(Code::FAILED_PRECONDITION, format!("task {id} is being created (its VM is booting); try again when Create has returned"))
+        } else {
+            err(Code::NOT_FOUND, format!("task {id} not found"))
+        }
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -153,9 +196,8 @@ impl TaskService {
         }
     }
 
-    /// Waits for a started process to exit, lets its output drain, then records and publishes the exit
-    /// (with `host_pid`, QEMU's pid, as the task pid).
-    fn spawn_waiter(&self, agent: AgentClient, cid: String, exec_id: String, host_pid: u32) {
+    /// Waits for a started process to exit, lets its output drain, then records and publishes the exit.
+    fn spawn_waiter(&self, agent: AgentClient, cid: String, exec_id: String) {
         let me = self.clone();
         tokio::spawn(async move {
             let req = ag::ProcessRequest { container_id: cid.clone(), exec_id: exec_id.clone(), ..Default::default() };
@@ -166,27 +208,68 @@ impl TaskService {
                     255
                 }
             };
-            let ts = timestamp().unwrap_or_default();
-            let (io, tx) = {
+            let io = {
                 let mut g = me.state.lock().await;
                 let Some(st) = g.as_mut() else { return };
                 let Ok(p) = st.proc_mut(&exec_id) else { return };
-                (std::mem::take(&mut p.io), p.exit_tx.clone())
+                std::mem::take(&mut p.io)
             };
             for h in io {
                 let _ = tokio::time::timeout(IO_DRAIN, h).await;
             }
-            {
-                let mut g = me.state.lock().await;
-                if let Some(p) = g.as_mut().and_then(|st| st.proc_mut(&exec_id).ok()) {
-                    p.status = PStatus::Stopped;
-                }
+            me.record_exit(&exec_id, code).await;
+        });
+    }
+
+    /// Records a process's exit and publishes it, once: whichever of its waiter and the VM watcher
+    /// comes first reports it.
+    async fn record_exit(&self, exec_id: &str, code: u32) {
+        let (cid, host_pid, ts) = {
+            let mut g = self.state.lock().await;
+            let Some(st) = g.as_mut() else { return };
+            let (cid, host_pid) = (st.id.clone(), st.host_pid);
+            let Ok(p) = st.proc_mut(exec_id) else { return };
+            if p.exit_rx.borrow().is_some() {
+                return;
             }
-            let _ = tx.send(Some((code, ts.clone())));
-            info!(cid, exec_id, code, "process exited");
-            let id = if exec_id.is_empty() { cid.clone() } else { exec_id.clone() };
-            me.publish(TASK_EXIT_EVENT_TOPIC, Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }))
-                .await;
+            let ts = timestamp().unwrap_or_default();
+            p.status = PStatus::Stopped;
+            let _ = p.exit_tx.send(Some((code, ts.clone())));
+            (cid, host_pid, ts)
+        };
+        info!(cid, exec_id, code, "process exited");
+        let id = if exec_id.is_empty() { cid.clone() } else { exec_id.to_string() };
+        self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() })).await;
+    }
+
+    /// Waits for the sandbox's VM to go away by itself (not a stop the shim asked for): every process of
+    /// it is then reported exited, with the reason and the console's end in the log.
+    fn spawn_vm_watch(&self, mut gone: watch::Receiver<Option<String>>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                if let Some(r) = gone.borrow_and_update().clone() {
+                    break r;
+                }
+                if gone.changed().await.is_err() {
+                    return; // stopped by the shim
+                }
+            };
+            let (ids, tail) = {
+                let mut g = me.state.lock().await;
+                let Some(st) = g.as_mut() else { return };
+                st.vm_gone = Some(reason.clone());
+                let live = |p: &Proc| matches!(p.status, PStatus::Running | PStatus::Paused | PStatus::Starting | PStatus::Restoring);
+                let mut ids: Vec<String> = st.execs.iter().filter(|(_, p)| live(p)).map(|(k, _)| k.clone()).collect();
+                if live(&st.init) {
+                    ids.push(String::new());
+                }
+                (ids, st.sandbox.as_ref().map(|s| s.vm.console_tail(2000)).unwrap_or_default())
+            };
+            warn!(reason, processes = ids.len(), console_tail = %tail, "the VM is gone: its processes are reported exited ({VM_GONE_STATUS}); the guest console's end follows");
+            for id in ids {
+                me.record_exit(&id, VM_GONE_STATUS).await;
+            }
         });
     }
 
@@ -233,14 +316,20 @@ impl TaskService {
             // Images from containerd (trusted, but bounded all the same) into the guest-writable shared
             // directory, through pinned descriptors: nothing the guest placed there is followed.
             let limits = checkpoint::image_limits(max_image_bytes(config.hypervisor.memory_mib as u64));
-            let staged = Staging::for_restore(&sandbox.shared).and_then(|st| {
-                let from = Dir::open_host(Path::new(&req.checkpoint))?;
-                let r = crate::safefs::copy_tree(&from, &st.dir, limits);
-                if r.is_err() {
-                    st.remove();
-                }
-                r.map(|_| st)
-            });
+            let (shared, from_path) = (sandbox.shared.clone(), PathBuf::from(&req.checkpoint));
+            // Blocking file I/O of up to gigabytes: off the async workers, so other calls still answer.
+            let staged = tokio::task::spawn_blocking(move || {
+                Staging::for_restore(&shared).and_then(|st| {
+                    let from = Dir::open_host(&from_path)?;
+                    let r = crate::safefs::copy_tree(&from, &st.dir, limits);
+                    if r.is_err() {
+                        st.remove();
+                    }
+                    r.map(|_| st)
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(crate::safefs::SafeFsError::Io { path: req.checkpoint.clone(), source: std::io::Error::other(e.to_string()) }));
             match staged {
                 Ok(st) => restore_staging = Some(st),
                 Err(e) => {
@@ -283,6 +372,8 @@ impl TaskService {
             deadline_s,
             restore_pending: restore,
             checkpoints: 0,
+            checkpointing: false,
+            vm_gone: None,
             guest_mem_mib: config.hypervisor.memory_mib as u64,
         })
     }
@@ -302,6 +393,7 @@ fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -> Result<()
     match status {
         PStatus::Running | PStatus::Paused => Ok(()),
         PStatus::Created if restore_pending => Err(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it")),
+        PStatus::Starting | PStatus::Restoring => Err(format!("task {id} is being started: checkpoint it once it runs")),
         PStatus::Created => Err(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed")),
         PStatus::Stopped => Err(format!("task {id} is Stopped: only a running or paused task can be checkpointed")),
     }
@@ -309,7 +401,7 @@ fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -> Result<()
 
 fn status_of(s: PStatus) -> Status {
     match s {
-        PStatus::Created => Status::CREATED,
+        PStatus::Created | PStatus::Starting | PStatus::Restoring => Status::CREATED,
         PStatus::Running => Status::RUNNING,
         PStatus::Paused => Status::PAUSED,
         PStatus::Stopped => Status::STOPPED,
@@ -319,15 +411,35 @@ fn status_of(s: PStatus) -> Status {
 #[async_trait]
 impl Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
-        let mut g = self.state.lock().await;
-        if g.is_some() {
-            return Err(err(Code::ALREADY_EXISTS, format!("this shim already runs a task; {} cannot be added", req.id)));
+        {
+            let g = self.state.lock().await;
+            let mut creating = self.creating_lock();
+            if g.is_some() || creating.is_some() {
+                return Err(err(Code::ALREADY_EXISTS, format!("this shim already runs a task; {} cannot be added", req.id)));
+            }
+            *creating = Some(req.clone());
         }
         info!(id = %req.id, bundle = %req.bundle, "create");
-        let st = self.create_inner(&req).await?;
-        let pid = st.host_pid;
-        *g = Some(st);
-        drop(g);
+        // Its own task, without the state lock: the boot (and a restore's image staging) finishes or
+        // cleans up even if the caller goes away, and State answers meanwhile.
+        let me = self.clone();
+        let r2 = req.clone();
+        let created = tokio::spawn(async move {
+            let r = me.create_inner(&r2).await;
+            let mut g = me.state.lock().await;
+            *me.creating_lock() = None;
+            r.map(|st| {
+                let out = (st.host_pid, st.sandbox.as_ref().map(|s| s.gone.clone()));
+                *g = Some(st);
+                out
+            })
+        })
+        .await
+        .map_err(|e| err(Code::INTERNAL, format!("create task failed: {e}")))?;
+        let (pid, gone) = created?;
+        if let Some(gone) = gone {
+            self.spawn_vm_watch(gone);
+        }
         self.publish(
             TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -346,82 +458,76 @@ impl Task for TaskService {
 
     async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         let request_deadline = request_deadline(ctx);
-        let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
-        let agent = st.agent.clone();
-        let cid = st.id.clone();
-        let st_restore_pending = st.restore_pending;
-        let host_pid = st.host_pid;
-        let (deadline_s, deadline_from) = checkpoint::effective_deadline(st.deadline_s, request_deadline);
-        let bundle = st.bundle.clone();
-        if req.exec_id.is_empty() {
-            st.restore_pending = false;
-        }
-        let restore_staging = if req.exec_id.is_empty() { st.restore_staging.take() } else { None };
-        let p = st.proc_mut(&req.exec_id)?;
-        if p.status != PStatus::Created {
-            return Err(err(Code::FAILED_PRECONDITION, format!("process {}/{} is not in the created state", cid, req.exec_id)));
-        }
-        let restore = req.exec_id.is_empty() && st_restore_pending;
-        let guest_pid = if restore {
-            let work = format!("{GUEST_WORK}/restore");
-            let r = ag::RestoreContainerRequest {
-                container_id: cid.clone(),
-                image_path: format!("{GUEST_SHARED}/{RESTORE_DIR}"),
-                work_path: work.clone(),
-                deadline_s: deadline_s as u32,
-                ..Default::default()
-            };
-            let timeout = Duration::from_secs(deadline_s + 30);
-            info!(cid, deadline_s, deadline_from, "restore");
-            let started = std::time::Instant::now();
-            let result = agent.call("RestoreContainer", timeout, |c, ctx| async move { c.restore_container(ctx, &r).await }).await;
-            let restore_s = started.elapsed().as_secs_f64();
-            match result {
-                Ok(r) => {
-                    let mut report = serde_json::Map::new();
-                    report.insert("restore_s".into(), restore_s.into());
-                    add_criu_stats(&agent, &mut report, format!("{work}/stats-restore")).await;
-                    write_report(&bundle.join("criu-restore.stats.json"), &report);
-                    info!(cid, restore_s, stats = %serde_json::Value::Object(report), "restored");
-                    if let Some(s) = restore_staging {
-                        s.remove();
-                    }
-                    r.pid
-                }
-                Err(e) => {
-                    let log = fetch_guest_log(&agent, &format!("{work}/restore.log"), &bundle, "restore.log").await;
-                    // Nothing can run in this VM any more: stop it now, and report the task stopped.
-                    let p = &mut st.init;
-                    p.status = PStatus::Stopped;
-                    let ts = timestamp().unwrap_or_default();
-                    let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
-                    TaskService::teardown(st).await;
-                    drop(g);
-                    warn!(cid, error = %e, log, "restore failed; VM stopped");
-                    self.publish(
-                        TASK_EXIT_EVENT_TOPIC,
-                        Box::new(TaskExit { container_id: cid.clone(), id: cid.clone(), pid: host_pid, exit_status: RESTORE_FAILED_STATUS, exited_at: Some(ts).into(), ..Default::default() }),
-                    )
-                    .await;
-                    return Err(err(Code::INTERNAL, format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")));
-                }
+        // Under the lock: the checks, the move to Starting/Restoring, and what the agent call needs.
+        let (agent, cid, host_pid, restore, staging, deadline, bundle, process) = {
+            let mut g = self.state.lock().await;
+            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+            let restore = req.exec_id.is_empty() && st.restore_pending;
+            let status = st.proc_mut(&req.exec_id)?.status;
+            can_start(&st.id, &req.exec_id, status).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+            if let Some(why) = &st.vm_gone {
+                return Err(err(Code::FAILED_PRECONDITION, format!("task {}: the VM is gone ({why})", st.id)));
             }
+            let staging = if restore { st.restore_staging.take() } else { None };
+            if restore {
+                st.restore_pending = false;
+            }
+            let deadline = checkpoint::effective_deadline(st.deadline_s, request_deadline);
+            let (agent, cid, host_pid, bundle) = (st.agent.clone(), st.id.clone(), st.host_pid, st.bundle.clone());
+            let p = st.proc_mut(&req.exec_id)?;
+            p.status = if restore { PStatus::Restoring } else { PStatus::Starting };
+            (agent, cid, host_pid, restore, staging, deadline, bundle, p.spec.clone())
+        };
+        // Without the lock: the agent call (a restore can take minutes); Kill, State and Delete answer.
+        let result = if restore {
+            self.restore_init(&agent, &cid, deadline, &bundle, staging).await
         } else if req.exec_id.is_empty() {
             let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
-            agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &r).await }).await.map_err(agent_err)?.pid
+            agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
         } else {
-            let r = ag::ExecProcessRequest { container_id: cid.clone(), exec_id: req.exec_id.clone(), process: p.spec.clone(), ..Default::default() };
-            let pid = agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map_err(agent_err)?.pid;
-            p.start_io(&agent, &cid, &req.exec_id);
-            pid
+            let r = ag::ExecProcessRequest { container_id: cid.clone(), exec_id: req.exec_id.clone(), process, ..Default::default() };
+            agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
+        };
+        let mut g = self.state.lock().await;
+        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {cid} was deleted while it started")))?;
+        let p = st.proc_mut(&req.exec_id)?;
+        let guest_pid = match result {
+            Ok(pid) if p.status == PStatus::Stopped => {
+                // The VM went away meanwhile; its exit is already reported.
+                return Err(err(Code::UNAVAILABLE, format!("process {cid}/{} started (guest pid {pid}) but its VM is gone", req.exec_id)));
+            }
+            Ok(pid) => pid,
+            Err(e) if restore => {
+                // Nothing can run in this VM any more: stop it now, and report the task stopped.
+                p.status = PStatus::Stopped;
+                let ts = timestamp().unwrap_or_default();
+                let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
+                TaskService::teardown(st).await;
+                drop(g);
+                warn!(cid, error = %e, "restore failed; VM stopped");
+                self.publish(
+                    TASK_EXIT_EVENT_TOPIC,
+                    Box::new(TaskExit { container_id: cid.clone(), id: cid.clone(), pid: host_pid, exit_status: RESTORE_FAILED_STATUS, exited_at: Some(ts).into(), ..Default::default() }),
+                )
+                .await;
+                return Err(e);
+            }
+            Err(e) => {
+                if p.status == PStatus::Starting {
+                    p.status = PStatus::Created;
+                }
+                return Err(e);
+            }
         };
         p.guest_pid = guest_pid;
         p.status = PStatus::Running;
+        if !req.exec_id.is_empty() {
+            p.start_io(&agent, &cid, &req.exec_id);
+        }
         drop(g);
         info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
         let pid = host_pid;
-        self.spawn_waiter(agent, cid.clone(), req.exec_id.clone(), pid);
+        self.spawn_waiter(agent, cid.clone(), req.exec_id.clone());
         if req.exec_id.is_empty() {
             self.publish(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid, pid, ..Default::default() })).await;
         } else {
@@ -432,7 +538,21 @@ impl Task for TaskService {
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        if g.is_none() && req.exec_id.is_empty() {
+            if let Some(c) = self.creating_lock().as_ref().filter(|c| c.id == req.id) {
+                return Ok(StateResponse {
+                    id: c.id.clone(),
+                    bundle: c.bundle.clone(),
+                    status: Status::CREATED.into(),
+                    stdin: c.stdin.clone(),
+                    stdout: c.stdout.clone(),
+                    stderr: c.stderr.clone(),
+                    terminal: c.terminal,
+                    ..Default::default()
+                });
+            }
+        }
+        let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
         let (id, bundle, host_pid) = (st.id.clone(), st.bundle.display().to_string(), st.host_pid);
         let p = st.proc_mut(&req.exec_id)?;
         let exit = p.exit_rx.borrow().clone();
@@ -455,7 +575,7 @@ impl Task for TaskService {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
         let mut rx = {
             let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
             st.proc_mut(&req.exec_id)?.exit_rx.clone()
         };
         loop {
@@ -471,12 +591,16 @@ impl Task for TaskService {
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         let (agent, cid) = {
             let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
             let cid = st.id.clone();
             let agent = st.agent.clone();
             let p = st.proc_mut(&req.exec_id)?;
-            if p.status == PStatus::Stopped {
-                return Err(err(Code::NOT_FOUND, format!("process {cid}/{} already finished", req.exec_id)));
+            match p.status {
+                PStatus::Stopped => return Err(err(Code::NOT_FOUND, format!("process {cid}/{} already finished", req.exec_id))),
+                PStatus::Starting | PStatus::Restoring => {
+                    return Err(err(Code::FAILED_PRECONDITION, format!("process {cid}/{} is being started; signal it once it runs", req.exec_id)))
+                }
+                _ => {}
             }
             (agent, cid)
         };
@@ -487,7 +611,7 @@ impl Task for TaskService {
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
         if st.execs.contains_key(&req.exec_id) {
             return Err(err(Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
         }
@@ -510,7 +634,7 @@ impl Task for TaskService {
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
         let (agent, cid) = {
             let g = self.state.lock().await;
-            let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            let st = g.as_ref().ok_or_else(|| self.no_task(&req.id))?;
             (st.agent.clone(), st.id.clone())
         };
         if req.stdin {
@@ -531,7 +655,7 @@ impl Task for TaskService {
     /// numbers the guest chose; a host tool that looked them up would find unrelated host processes.
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
         let g = self.state.lock().await;
-        let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        let st = g.as_ref().ok_or_else(|| self.no_task(&req.id))?;
         let processes = vec![containerd_shim::protos::types::task::ProcessInfo { pid: st.host_pid, ..Default::default() }];
         Ok(PidsResponse { processes, ..Default::default() })
     }
@@ -560,18 +684,17 @@ impl Task for TaskService {
 
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+        let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
         if !req.exec_id.is_empty() {
             let p = st.execs.get(&req.exec_id).ok_or_else(|| err(Code::NOT_FOUND, format!("exec {} not found", req.exec_id)))?;
-            if matches!(p.status, PStatus::Running | PStatus::Paused) {
-                return Err(err(Code::FAILED_PRECONDITION, format!("exec {} is still running", req.exec_id)));
-            }
+            can_delete(&format!("exec {}", req.exec_id), p.status).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
             let p = st.execs.remove(&req.exec_id).expect("checked");
             let (code, ts) = p.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
             return Ok(DeleteResponse { pid: st.host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
         }
-        if matches!(st.init.status, PStatus::Running | PStatus::Paused) {
-            return Err(err(Code::FAILED_PRECONDITION, format!("task {} is still running; kill it first", st.id)));
+        can_delete(&format!("task {}", st.id), st.init.status).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+        if st.checkpointing {
+            return Err(err(Code::FAILED_PRECONDITION, format!("task {} is being checkpointed; delete it when the checkpoint has ended", st.id)));
         }
         let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
         let pid = st.host_pid;
@@ -613,6 +736,8 @@ const GUEST_SHARED: &str = "/run/kata-rs/shared";
 const GUEST_WORK: &str = "/run/kata-rs/work";
 /// Exit status reported for a task whose restore failed (it never ran in this VM).
 const RESTORE_FAILED_STATUS: u32 = 255;
+/// Exit status reported for the processes of a VM that went away (QEMU exited, the guest panicked).
+const VM_GONE_STATUS: u32 = 255;
 /// The shim's report of a checkpoint, written beside the images and next to the bundle.
 const STATS_FILE: &str = "kata-rs-checkpoint-stats.json";
 
@@ -694,13 +819,70 @@ async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, n
 }
 
 impl TaskService {
+    /// The restore of a task created from a checkpoint (its Start): CRIU restore in the guest from the
+    /// staged images; the CRIU log comes back on failure. Returns the guest pid.
+    async fn restore_init(&self, agent: &AgentClient, cid: &str, deadline: (u64, &'static str), bundle: &Path, staging: Option<Staging>) -> ttrpc::Result<u32> {
+        let (deadline_s, deadline_from) = deadline;
+        let work = format!("{GUEST_WORK}/restore");
+        let r = ag::RestoreContainerRequest {
+            container_id: cid.to_string(),
+            image_path: format!("{GUEST_SHARED}/{RESTORE_DIR}"),
+            work_path: work.clone(),
+            deadline_s: deadline_s as u32,
+            ..Default::default()
+        };
+        let timeout = Duration::from_secs(deadline_s + 30);
+        info!(cid, deadline_s, deadline_from, "restore");
+        let started = std::time::Instant::now();
+        let result = agent.call("RestoreContainer", timeout, |c, ctx| async move { c.restore_container(ctx, &r).await }).await;
+        let restore_s = started.elapsed().as_secs_f64();
+        match result {
+            Ok(r) => {
+                let mut report = serde_json::Map::new();
+                report.insert("restore_s".into(), restore_s.into());
+                add_criu_stats(agent, &mut report, format!("{work}/stats-restore")).await;
+                write_report(&bundle.join("criu-restore.stats.json"), &report);
+                info!(cid, restore_s, stats = %serde_json::Value::Object(report), "restored");
+                if let Some(s) = staging {
+                    s.remove();
+                }
+                Ok(r.pid)
+            }
+            Err(e) => {
+                let log = fetch_guest_log(agent, &format!("{work}/restore.log"), bundle, "restore.log").await;
+                Err(err(Code::INTERNAL, format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")))
+            }
+        }
+    }
+
     async fn checkpoint_inner(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>) -> ttrpc::Result<Empty> {
+        let mut claimed = false;
+        let r = self.checkpoint_unlocked(req, request_deadline, &mut claimed).await;
+        if claimed {
+            if let Some(st) = self.state.lock().await.as_mut() {
+                st.checkpointing = false;
+            }
+        }
+        r
+    }
+
+    /// The checkpoint; marks the task as checkpointing (and sets `claimed`) once its checks passed, for
+    /// the caller to clear.
+    async fn checkpoint_unlocked(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>, claimed: &mut bool) -> ttrpc::Result<Empty> {
         let opts = checkpoint::parse_options(req.options.as_ref()).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         let (agent, cid, paused, bundle, shared, deadline_s, n, max) = {
             let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {} not found", req.id)))?;
+            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
             let status = st.init.status;
             checkpointable(&st.id, status, st.restore_pending).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+            if st.checkpointing {
+                return Err(err(Code::FAILED_PRECONDITION, format!("task {} is being checkpointed already", st.id)));
+            }
+            if let Some(why) = &st.vm_gone {
+                return Err(err(Code::FAILED_PRECONDITION, format!("task {}: the VM is gone ({why})", st.id)));
+            }
+            st.checkpointing = true;
+            *claimed = true;
             st.checkpoints += 1;
             (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib))
         };
@@ -729,12 +911,25 @@ impl TaskService {
         let result = agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
         let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
         let outcome = match result {
-            Err(e) => Err(err(Code::INTERNAL, format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}"))),
-            Ok(resp) => checkpoint::copy_images(&staging.dir, &target, checkpoint::image_limits(max))
-                .map(|copied| (copied, resp.stats))
-                .map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid} from the guest: {e}; CRIU log: {log}"))),
+            Err(e) => {
+                staging.remove();
+                Err(err(Code::INTERNAL, format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}")))
+            }
+            Ok(resp) => {
+                // Blocking file I/O of up to gigabytes: off the async workers.
+                let (staging, target) = (staging, target.clone());
+                let copied = tokio::task::spawn_blocking(move || {
+                    let r = checkpoint::copy_images(&staging.dir, &target, checkpoint::image_limits(max));
+                    staging.remove();
+                    r
+                })
+                .await
+                .unwrap_or_else(|e| Err(crate::safefs::SafeFsError::Io { path: String::new(), source: std::io::Error::other(e.to_string()) }));
+                copied
+                    .map(|copied| (copied, resp.stats))
+                    .map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid} from the guest: {e}; CRIU log: {log}")))
+            }
         };
-        staging.remove();
         match outcome {
             Ok((copied, agent_stats)) => {
                 let mut report = serde_json::Map::new();
@@ -761,13 +956,13 @@ impl TaskService {
 
     async fn agent_of(&self, id: &str) -> ttrpc::Result<(AgentClient, String)> {
         let g = self.state.lock().await;
-        let st = g.as_ref().ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
+        let st = g.as_ref().ok_or_else(|| self.no_task(id))?;
         Ok((st.agent.clone(), st.id.clone()))
     }
 
     async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<Empty> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {id} not found")))?;
+        let st = g.as_mut().ok_or_else(|| self.no_task(id))?;
         let want_from = if pause { PStatus::Running } else { PStatus::Paused };
         if st.init.status != want_from {
             return Err(err(Code::FAILED_PRECONDITION, format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
@@ -812,6 +1007,22 @@ mod tests {
         assert!(!r.contains_key("guest.x") && !r.contains_key("guest.y"), "non-finite numbers dropped");
         assert!(r.keys().all(|k| !k.contains('\u{1b}') && k.len() <= 70));
         assert_eq!(r.keys().filter(|k| k.starts_with("guest.")).count(), 32);
+    }
+
+    #[test]
+    fn start_and_delete_checks() {
+        assert!(can_start("c", "", PStatus::Created).is_ok());
+        for s in [PStatus::Starting, PStatus::Restoring] {
+            assert!(can_start("c", "", s).unwrap_err().contains("already being started"));
+            assert!(can_delete("task c", s).unwrap_err().contains("being started"));
+        }
+        for s in [PStatus::Running, PStatus::Paused, PStatus::Stopped] {
+            assert!(can_start("c", "e", s).unwrap_err().contains("not in the created state"));
+        }
+        assert!(can_delete("task c", PStatus::Created).is_ok() && can_delete("task c", PStatus::Stopped).is_ok());
+        assert!(can_delete("task c", PStatus::Running).unwrap_err().contains("kill it first"));
+        assert_eq!(status_of(PStatus::Restoring), Status::CREATED);
+        assert!(checkpointable("c", PStatus::Restoring, false).unwrap_err().contains("being started"));
     }
 
     #[test]

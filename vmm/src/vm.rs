@@ -321,7 +321,9 @@ impl Vm {
 
     /// Stops the VM: QMP `quit`, then waits, kills what remains, and reaps QEMU and every daemon.
     pub async fn shutdown(mut self) {
-        if let Err(e) = self.qmp.quit().await {
+        if let Some(status) = self.qemu_exited() {
+            info!(%status, "QEMU had already exited");
+        } else if let Err(e) = self.qmp.quit().await {
             warn!(error = %e, "QMP quit failed; killing QEMU");
         }
         let grace = self.shutdown_timeout;
