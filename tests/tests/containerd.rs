@@ -99,19 +99,25 @@ async fn kill_delivers_the_signal_and_stdin_reaches_the_container() {
     c.assert_clean();
 }
 
+/// SIGKILLs the shim serving `id`; containerd notices, runs `containerd-shim-kata-rs-v2 delete`, and
+/// drops the task.
+async fn kill_shim_and_wait_for_cleanup(c: &Containerd, id: &str) {
+    let shims = kata_rs_tests::processes_mentioning(&format!("-id {id} "));
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let start = std::time::Instant::now();
+    while c.task_status(id).is_some() {
+        assert!(start.elapsed() < T, "task {id} still listed after its shim was killed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
     let c = Containerd::start();
     c.run_detached("k5", &[], &["sleep", "1000"]);
-    let shims = kata_rs_tests::processes_mentioning(&format!("-address {}", c.address));
-    assert_eq!(shims.len(), 1, "{shims:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    // containerd notices the dead shim, runs `containerd-shim-kata-rs-v2 delete`, and drops the task.
-    let start = std::time::Instant::now();
-    while c.task_status("k5").is_some() {
-        assert!(start.elapsed() < T, "task k5 still listed after its shim was killed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!(kata_rs_tests::processes_mentioning(&format!("-address {}", c.address)).len(), 1, "one shim");
+    kill_shim_and_wait_for_cleanup(&c, "k5").await;
     c.assert_clean();
     c.ctr_ok(&["container", "rm", "k5"]);
 
@@ -126,14 +132,7 @@ async fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
     c.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--runtime-config-path", opt.to_str().unwrap(), "--fifo-dir", &fifo, IMAGE, "k8", "sleep", "1000"]);
     let sandbox = c.dir.join("kr-opt/k8");
     assert!(sandbox.is_dir(), "the option's runtime root is used");
-    let shims = kata_rs_tests::processes_mentioning("-id k8 ");
-    assert_eq!(shims.len(), 1, "{shims:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let start = std::time::Instant::now();
-    while c.task_status("k8").is_some() {
-        assert!(start.elapsed() < T, "task k8 still listed after its shim was killed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    kill_shim_and_wait_for_cleanup(&c, "k8").await;
     let left = kata_rs_tests::processes_mentioning(&sandbox.display().to_string());
     assert!(left.is_empty() && !sandbox.exists(), "left behind in the option's root: {left:?}, dir exists: {}", sandbox.exists());
     c.ctr_ok(&["container", "rm", "k8"]);
