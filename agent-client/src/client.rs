@@ -139,12 +139,31 @@ impl AgentClient {
                 }
             }
         };
-        match result {
-            Err(_) => Err(AgentError::Timeout { method, timeout }),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(AgentError::Rpc { method, code: s.code(), message: bounded_text(s.message()) }),
-            Ok(Err(e)) => Err(AgentError::Call { method, message: bounded_text(&e.to_string()) }),
+        let failure = match result {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(ttrpc::Error::RpcStatus(s))) => return Err(AgentError::Rpc { method, code: s.code(), message: bounded_text(s.message()) }),
+            Err(_) => AgentError::Timeout { method, timeout },
+            Ok(Err(e)) => AgentError::Call { method, message: bounded_text(&e.to_string()) },
+        };
+        // A dead VM often shows first as a closed stream ("early eof"): when the VM watcher confirms it
+        // shortly after, say that the VM is gone instead.
+        if let Some(mut gone) = self.gone.clone() {
+            let confirmed = tokio::time::timeout(VM_GONE_GRACE, async {
+                loop {
+                    if let Some(r) = gone.borrow_and_update().clone() {
+                        return Some(r);
+                    }
+                    if gone.changed().await.is_err() {
+                        return Some("the VM was stopped".to_string());
+                    }
+                }
+            })
+            .await;
+            if let Ok(Some(reason)) = confirmed {
+                return Err(AgentError::VmGone { method, reason });
+            }
         }
+        Err(failure)
     }
 
     /// [`Self::call`] with the default deadline.
@@ -156,6 +175,9 @@ impl AgentClient {
         self.call(method, self.rpc_timeout, f).await
     }
 }
+
+/// How long a failed call waits for the VM watcher to say whether the VM is gone.
+const VM_GONE_GRACE: Duration = Duration::from_secs(2);
 
 /// Longest message from the guest kept in an error (the rest is cut, and the cut is said).
 pub const MAX_GUEST_MESSAGE: usize = 16 * 1024;
