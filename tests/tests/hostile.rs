@@ -289,7 +289,8 @@ async fn hostile_shared_directory_cannot_reach_host_files() {
         eprintln!("race round {round}: {swaps} swaps, checkpoint: {r:?}");
         assert!(swaps > 0, "the race never swapped anything");
         if let Err(e) = &r {
-            assert!(e.contains("refusing") || e.contains("symlink") || e.contains("not a directory") || e.contains("CRIU"), "round {round}: unclear error: {e}");
+            // The guest may also move the staging directory away between the host's mkdir and its open.
+            assert!(e.contains("refusing") || e.contains("symlink") || e.contains("staging directory") || e.contains("CRIU"), "round {round}: unclear error: {e}");
             assert_eq!(std::fs::read_dir(&t).unwrap().count(), 0, "round {round}: partial image left");
         }
         canary.assert_intact(&format!("race round {round}"));
