@@ -50,23 +50,14 @@ pub struct Sandbox {
     watcher: tokio::task::JoinHandle<()>,
 }
 
-/// Watches a VM's QMP events: the first SHUTDOWN, GUEST_PANICKED or RESET, or the QMP connection
-/// closing (QEMU exited, however it died), is sent as the reason the VM is gone.
+/// Watches a VM for its end (vmm::watch): the first SHUTDOWN, GUEST_PANICKED or RESET, QEMU exiting
+/// however it died, or a helper daemon exiting (then QEMU is killed) is sent as the reason the VM is gone.
 fn watch_vm(vm: &Vm, id: &str) -> (tokio::sync::watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
-    use vmm::qmp::VmEvent;
-    let mut events = vm.qmp().subscribe();
+    let watch = vm.watch();
     let (tx, rx) = tokio::sync::watch::channel(None);
     let id = id.to_string();
     let task = tokio::spawn(async move {
-        let reason = loop {
-            match events.recv().await {
-                Ok(VmEvent::Shutdown { guest, reason }) => break format!("QEMU shut down ({}, reason {reason})", if guest { "by the guest" } else { "by the host" }),
-                Ok(VmEvent::GuestPanicked) => break "the guest kernel panicked".to_string(),
-                Ok(VmEvent::Other(name)) if name == "RESET" => break "the guest reset".to_string(),
-                Ok(VmEvent::Closed) | Err(tokio::sync::broadcast::error::RecvError::Closed) => break "QEMU exited".to_string(),
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            }
-        };
+        let reason = watch.ended().await;
         warn!(id, reason, "the VM is gone");
         let _ = tx.send(Some(reason));
         // Keep the sender, so that receivers see the reason rather than a closed channel.

@@ -10,7 +10,8 @@ pub const SHARED_TAG: &str = "kataShared";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VsockDevice {
     /// `vhost-vsock-pci` with a host-unique guest CID.
-    Vhost { guest_cid: u32 },
+    /// Kernel vhost-vsock; `vhostfd`: a descriptor of /dev/vhost-vsock with the CID already claimed.
+    Vhost { guest_cid: u32, vhostfd: Option<i32> },
     /// `vhost-user-vsock-pci` connected to a vhost-device-vsock socket.
     VhostUser { socket: PathBuf },
 }
@@ -97,8 +98,9 @@ impl QemuArgs<'_> {
         push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_socket.display())]);
         push(&["-nic", "none"]);
         match &self.vsock {
-            VsockDevice::Vhost { guest_cid } => {
-                push(&["-device", &format!("vhost-vsock-pci,id=vsock0,guest-cid={guest_cid}")]);
+            VsockDevice::Vhost { guest_cid, vhostfd } => {
+                let fd = vhostfd.map(|fd| format!(",vhostfd={fd}")).unwrap_or_default();
+                push(&["-device", &format!("vhost-vsock-pci,id=vsock0,guest-cid={guest_cid}{fd}")]);
             }
             VsockDevice::VhostUser { socket } => {
                 push(&["-chardev", &format!("socket,id=vsockchr,path={}", socket.display())]);
@@ -171,7 +173,7 @@ mod tests {
     #[test]
     fn kvm_with_vhost_vsock_and_9p_needs_no_memfd() {
         let c = VmConfig { shared_fs: SharedFs::Virtio9p, ..Default::default() };
-        let v = args(&c, Accel::Kvm, VsockDevice::Vhost { guest_cid: 7 }).build();
+        let v = args(&c, Accel::Kvm, VsockDevice::Vhost { guest_cid: 7, vhostfd: None }).build();
         assert!(has_pair(&v, "-accel", "kvm"));
         assert!(has_pair(&v, "-cpu", "host"));
         assert!(has_pair(&v, "-device", "vhost-vsock-pci,id=vsock0,guest-cid=7"));
@@ -184,7 +186,8 @@ mod tests {
     #[test]
     fn configured_cpu_model_wins() {
         let c = VmConfig { cpu_model: "qemu64".into(), ..Default::default() };
-        let v = args(&c, Accel::Kvm, VsockDevice::Vhost { guest_cid: 3 }).build();
+        let v = args(&c, Accel::Kvm, VsockDevice::Vhost { guest_cid: 3, vhostfd: Some(9) }).build();
         assert!(has_pair(&v, "-cpu", "qemu64"));
+        assert!(has_pair(&v, "-device", "vhost-vsock-pci,id=vsock0,guest-cid=3,vhostfd=9"));
     }
 }

@@ -33,6 +33,36 @@ pub struct Console {
     log: PathBuf,
 }
 
+/// Reads the tail of a console's ring (see [`Console::tail`]).
+#[derive(Clone)]
+pub struct ConsoleTail {
+    shared: Arc<Shared>,
+}
+
+impl ConsoleTail {
+    /// Has QEMU closed the console (it exited)?
+    pub fn closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    pub fn tail(&self, max: usize) -> String {
+        let ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let skip = ring.len().saturating_sub(max);
+        let bytes: Vec<u8> = ring.iter().skip(skip).copied().collect();
+        drop(ring);
+        let mut out = String::with_capacity(bytes.len());
+        for ch in String::from_utf8_lossy(&bytes).trim().chars() {
+            match ch {
+                '\n' | '\t' => out.push(ch),
+                '\r' => {}
+                c if c.is_control() => out.extend(c.escape_default()),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         self.task.abort();
@@ -113,20 +143,12 @@ impl Console {
     /// The last `max` bytes the guest printed (at most [`RING_BYTES`]), lossy UTF-8, trimmed, with
     /// control characters other than newline and tab escaped (the text goes into logs and errors).
     pub fn tail(&self, max: usize) -> String {
-        let ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
-        let skip = ring.len().saturating_sub(max);
-        let bytes: Vec<u8> = ring.iter().skip(skip).copied().collect();
-        drop(ring);
-        let mut out = String::with_capacity(bytes.len());
-        for ch in String::from_utf8_lossy(&bytes).trim().chars() {
-            match ch {
-                '\n' | '\t' => out.push(ch),
-                '\r' => {}
-                c if c.is_control() => out.extend(c.escape_default()),
-                c => out.push(c),
-            }
-        }
-        out
+        self.tail_handle().tail(max)
+    }
+
+    /// A handle that reads the console's tail and outlives nothing: for a watcher task.
+    pub fn tail_handle(&self) -> ConsoleTail {
+        ConsoleTail { shared: self.shared.clone() }
     }
 
     /// Bytes read from the console since the VM started.

@@ -53,16 +53,28 @@ pub fn tail_of(path: &Path, max: usize) -> String {
 impl Daemon {
     /// Spawns `program args...` with stdout/stderr appended to `log`.
     pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Result<Daemon, DaemonError> {
+        Self::spawn_keeping(name, program, args, log, None)
+    }
+
+    /// Like [`Daemon::spawn`], and the child inherits descriptor `keep` (its close-on-exec flag is
+    /// cleared in the child only), e.g. QEMU's `vhostfd`.
+    pub fn spawn_keeping(name: &'static str, program: &Path, args: &[String], log: PathBuf, keep: Option<std::os::fd::RawFd>) -> Result<Daemon, DaemonError> {
         let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: prctl and fcntl are async-signal-safe; nothing else runs between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = keep {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

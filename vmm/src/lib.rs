@@ -6,6 +6,7 @@
 //! - [`qmp`]: the QMP client (the `qapi` crate, async).
 //! - [`daemon`]: helper daemons (virtiofsd, vhost-device-vsock) and process reaping.
 //! - [`vm`]: the lifecycle: start, control, teardown.
+//! - [`watch`]: noticing a VM's end (QMP events, QEMU or a helper daemon exiting).
 
 pub mod accel;
 pub mod cmdline;
@@ -14,6 +15,8 @@ pub mod console;
 pub mod daemon;
 pub mod qmp;
 pub mod vm;
+pub mod vsockcid;
+pub mod watch;
 
 pub use accel::Accel;
 pub use config::{AccelSetting, SharedFs, VmConfig, VsockSetting};

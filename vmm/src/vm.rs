@@ -40,6 +40,8 @@ pub enum VmError {
     SocketPathTooLong { path: String, len: usize },
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Cid(#[from] crate::vsockcid::CidError),
     #[error("QEMU exited during start ({status}); {log}: {tail}")]
     QemuExited { status: String, log: String, tail: String },
     #[error("QEMU did not open its QMP socket: {source}; {log}: {tail}")]
@@ -159,9 +161,12 @@ impl Vm {
             VsockSetting::VhostUser => false,
             VsockSetting::Auto => Path::new("/dev/vhost-vsock").exists(),
         };
+        let mut vhost_fd = None;
         let (vsock, agent) = if use_vhost {
-            let cid = guest_cid();
-            (VsockDevice::Vhost { guest_cid: cid }, AgentChannel::Vsock { cid })
+            let (fd, cid) = crate::vsockcid::reserve()?;
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            vhost_fd = Some(fd);
+            (VsockDevice::Vhost { guest_cid: cid, vhostfd: Some(raw) }, AgentChannel::Vsock { cid })
         } else {
             let program = resolve_program(&c.vhost_device_vsock_path).ok_or_else(|| VmError::MissingFile {
                 what: "vhost-device-vsock",
@@ -223,7 +228,10 @@ impl Vm {
         }
         .build();
         let qemu_log = dir.join("qemu.log");
-        let mut qemu = Daemon::spawn("qemu", &qemu_path, &args, qemu_log.clone())?;
+        let keep = vhost_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        let mut qemu = Daemon::spawn_keeping("qemu", &qemu_path, &args, qemu_log.clone(), keep)?;
+        // QEMU holds its own copy (and with it the CID); ours is not needed any more.
+        drop(vhost_fd);
         state.pids.push(qemu.pid);
         save_state(&state)?;
         let limit = Duration::from_secs(c.qmp_timeout_s);
@@ -309,6 +317,23 @@ impl Vm {
         self.qemu.as_ref().map(|q| q.pid).unwrap_or(0)
     }
 
+    /// What a watcher needs to notice this VM's end (see [`crate::watch::VmWatch::ended`]).
+    pub fn watch(&self) -> crate::watch::VmWatch {
+        let qemu = match crate::watch::pidfd_open(self.qemu_pid()) {
+            Ok(fd) => Some(std::sync::Arc::new(fd)),
+            Err(e) => {
+                warn!(pid = self.qemu_pid(), error = %e, "no pidfd of QEMU");
+                None
+            }
+        };
+        crate::watch::VmWatch {
+            events: self.qmp.subscribe(),
+            qemu,
+            daemons: self.daemons.iter().map(|d| (d.name, d.pid)).collect(),
+            console: self.console.tail_handle(),
+        }
+    }
+
     /// Pids of QEMU and every helper daemon.
     pub fn pids(&self) -> Vec<u32> {
         self.qemu.iter().chain(self.daemons.iter()).map(|d| d.pid).collect()
@@ -382,8 +407,3 @@ fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str, san
     }
 }
 
-/// A guest CID unlikely to collide with other VMs on the host (3 and above).
-fn guest_cid() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    3 + ((std::process::id() ^ t) % 0x3fff_0000)
-}
