@@ -21,6 +21,49 @@ pub struct BootParams {
     pub log: String,
     pub probe: bool,
     pub port: u32,
+    /// A fault the host's test suite injects (`kata_rs.test_fault=`), see [`TestFault`].
+    pub test_fault: Option<TestFault>,
+}
+
+/// `kata_rs.test_fault=agent-exit-in-checkpoint:<ms>` (or `-in-restore:`): the agent, PID 1, exits that
+/// long after a checkpoint (restore) request arrives, so the guest kernel panics in the middle of it.
+/// The fault tests use it to crash a guest at a known moment. Only the host sets the kernel command
+/// line (configuration.toml, `hypervisor.kernel_params`); nothing in the guest can turn it on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestFault {
+    pub during: FaultDuring,
+    pub after_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FaultDuring {
+    Checkpoint,
+    Restore,
+}
+
+impl TestFault {
+    fn parse(v: &str) -> Option<TestFault> {
+        let (what, ms) = v.split_once(':')?;
+        let during = match what {
+            "agent-exit-in-checkpoint" => FaultDuring::Checkpoint,
+            "agent-exit-in-restore" => FaultDuring::Restore,
+            _ => return None,
+        };
+        Some(TestFault { during, after_ms: ms.parse().ok()? })
+    }
+
+    /// If this fault is for `now`: exits the process `after_ms` from now (from another thread).
+    pub fn arm(&self, now: FaultDuring) {
+        if self.during != now {
+            return;
+        }
+        let ms = self.after_ms;
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            warn!(fault = ?now, "kata_rs.test_fault: the agent exits now");
+            std::process::exit(70);
+        });
+    }
 }
 
 impl BootParams {
@@ -32,6 +75,7 @@ impl BootParams {
             log: "info".into(),
             probe: false,
             port: agent_client::AGENT_PORT,
+            test_fault: None,
         };
         for word in cmdline.split_whitespace() {
             let Some((k, v)) = word.split_once('=') else { continue };
@@ -42,6 +86,7 @@ impl BootParams {
                 "kata_rs.log" => p.log = v.into(),
                 "kata_rs.probe" => p.probe = v == "1",
                 "kata_rs.port" => p.port = v.parse().unwrap_or(p.port),
+                "kata_rs.test_fault" => p.test_fault = TestFault::parse(v),
                 _ => {}
             }
         }
@@ -188,5 +233,11 @@ mod tests {
         assert!(!p.probe);
         assert_eq!(p.port, 1024);
         assert!(BootParams::parse("kata_rs.probe=1").probe);
+        assert_eq!(p.test_fault, None);
+        let f = BootParams::parse("kata_rs.test_fault=agent-exit-in-checkpoint:1500").test_fault.unwrap();
+        assert_eq!((f.during, f.after_ms), (FaultDuring::Checkpoint, 1500));
+        assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:0").test_fault.unwrap().during, FaultDuring::Restore);
+        assert_eq!(BootParams::parse("kata_rs.test_fault=reboot:10").test_fault, None);
+        assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:x").test_fault, None);
     }
 }

@@ -73,7 +73,7 @@ fn run(pid1: bool) -> Result<()> {
 async fn serve(params: init::BootParams) -> Result<()> {
     let reaper = reaper::Reaper::start();
     let containers = Arc::new(container::Containers::new(reaper));
-    let service = Arc::new(service::AgentService::new(containers));
+    let service = Arc::new(service::AgentService::new(containers, params.test_fault.clone()));
     // Learn the tool versions now, so that the host's first Check is answered at once.
     let warm = service.clone();
     tokio::spawn(async move { warm.warm_up().await });

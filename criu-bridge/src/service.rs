@@ -15,6 +15,7 @@ use crate::{
 pub struct AgentService {
     pub containers: Arc<Containers>,
     versions: OnceCell<(String, String)>,
+    test_fault: Option<crate::init::TestFault>,
 }
 
 /// Directories whose files ReadFileTail may return.
@@ -36,8 +37,11 @@ fn internal(msg: impl Into<String>) -> ttrpc::Error {
 }
 
 impl AgentService {
-    pub fn new(containers: Arc<Containers>) -> Self {
-        AgentService { containers, versions: OnceCell::new() }
+    pub fn new(containers: Arc<Containers>, test_fault: Option<crate::init::TestFault>) -> Self {
+        if let Some(f) = &test_fault {
+            tracing::warn!(?f, "a test fault is armed (kata_rs.test_fault on the kernel command line)");
+        }
+        AgentService { containers, versions: OnceCell::new(), test_fault }
     }
 
     pub async fn warm_up(&self) {
@@ -170,11 +174,17 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn checkpoint_container(&self, _ctx: &TtrpcContext, req: CheckpointContainerRequest) -> ttrpc::Result<CheckpointContainerResponse> {
+        if let Some(f) = &self.test_fault {
+            f.arm(crate::init::FaultDuring::Checkpoint);
+        }
         let stats = self.containers.checkpoint(&req).await.map_err(status)?;
         Ok(CheckpointContainerResponse { stats, ..Default::default() })
     }
 
     async fn restore_container(&self, _ctx: &TtrpcContext, req: RestoreContainerRequest) -> ttrpc::Result<StartResponse> {
+        if let Some(f) = &self.test_fault {
+            f.arm(crate::init::FaultDuring::Restore);
+        }
         let pid = self.containers.restore(&req).await.map_err(status)?;
         Ok(StartResponse { pid, ..Default::default() })
     }

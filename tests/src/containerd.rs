@@ -14,6 +14,24 @@ pub struct Containerd {
     child: Child,
     pub address: String,
     bin_dir: PathBuf,
+    /// PATH of containerd (the shim of this checkout first).
+    path: String,
+}
+
+/// Starts containerd with this test's config; it stages checkpoint images in its XDG_RUNTIME_DIR, `<dir>/xdg`.
+fn spawn_containerd(dir: &Path, bin_dir: &Path, path: &str) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("containerd.log")).unwrap();
+    Command::new(if bin_dir.as_os_str().is_empty() { PathBuf::from("containerd") } else { bin_dir.join("containerd") })
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("PATH", path)
+        .env("KATA_RS_CONFIG", dir.join("kata.toml"))
+        .env("XDG_RUNTIME_DIR", dir.join("xdg"))
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd (make setup installs it)")
 }
 
 fn workspace() -> PathBuf {
@@ -58,6 +76,11 @@ pub fn busybox_image() -> PathBuf {
 impl Containerd {
     /// Starts containerd (binary from `$KATA_RS_CONTAINERD_BIN_DIR`, else PATH) and imports the image.
     pub fn start() -> Containerd {
+        Self::start_with("")
+    }
+
+    /// Like [`Containerd::start`], with `hypervisor_extra` (TOML lines) added to kata-rs's `[hypervisor]` table.
+    pub fn start_with(hypervisor_extra: &str) -> Containerd {
         let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
         assert!(shim.exists(), "{} missing: run 'make build'", shim.display());
         let dir = PathBuf::from(format!("/run/kata-rs-e2e/{}", crate::unique_id("c")));
@@ -82,7 +105,7 @@ impl Containerd {
         std::fs::write(
             dir.join("kata.toml"),
             format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\nvcpus = {}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
+                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\nvcpus = {}\n{hypervisor_extra}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
                 g.join("vmlinuz").display(),
                 g.join("initramfs.cpio.gz").display(),
                 kata.hypervisor.memory_mib,
@@ -98,29 +121,52 @@ impl Containerd {
             if bin_dir.as_os_str().is_empty() { String::new() } else { format!("{}:", bin_dir.display()) },
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new(if bin_dir.as_os_str().is_empty() { PathBuf::from("containerd") } else { bin_dir.join("containerd") })
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env("PATH", &path)
-            .env("KATA_RS_CONFIG", dir.join("kata.toml"))
-            .env("XDG_RUNTIME_DIR", dir.join("xdg"))
-            .current_dir(&dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd (make setup installs it)");
-        let c = Containerd { dir, child, address, bin_dir };
-        let start = Instant::now();
-        while !c.ctr(&["version"]).status.success() {
-            assert!(start.elapsed() < Duration::from_secs(30), "containerd did not come up; see {}", c.dir.join("containerd.log").display());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let child = spawn_containerd(&dir, &bin_dir, &path);
+        let c = Containerd { dir, child, address, bin_dir, path };
+        c.wait_up();
         let version = c.ctr_ok(&["version"]);
         eprintln!("containerd under test: {}", version.lines().filter(|l| l.contains("Version")).collect::<Vec<_>>().join(" | "));
         let img = busybox_image();
         c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
         c
+    }
+
+    fn wait_up(&self) {
+        let start = Instant::now();
+        while !self.ctr(&["version"]).status.success() {
+            assert!(start.elapsed() < Duration::from_secs(30), "containerd did not come up; see {}", self.dir.join("containerd.log").display());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops containerd (SIGTERM; its shims go on running) and starts it again on the same state.
+    pub fn restart(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        self.child = spawn_containerd(&self.dir, &self.bin_dir, &self.path);
+        self.wait_up();
+    }
+
+    /// Starts `ctr events`, writing what containerd publishes to `<dir>/<name>.events`; killed on drop.
+    pub fn events(&self, name: &str) -> Events {
+        let path = self.dir.join(format!("{name}.events"));
+        let out = std::fs::File::create(&path).unwrap();
+        let child = Command::new(self.ctr_path()).arg("--address").arg(&self.address).arg("events").stdout(out).stderr(Stdio::null()).spawn().expect("ctr events");
+        // Subscribed once ctr is connected: give it a moment, then check it still runs.
+        std::thread::sleep(Duration::from_millis(300));
+        Events { child, path }
+    }
+
+    /// Checkpoint images containerd is staging (or left) in its XDG_RUNTIME_DIR (`ctd-checkpoint*`).
+    pub fn staged_checkpoints(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("xdg"))
+            .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("ctd-checkpoint")).collect())
+            .unwrap_or_default()
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The `ctr` matching this containerd.
@@ -185,6 +231,48 @@ impl Containerd {
         containerd_shim::protos::shim_sync::TaskClient::new(client)
     }
 
+    /// Starts a kata-rs shim for task `id` on `bundle` as containerd would (`start` in the bundle), for
+    /// requests containerd never sends (a bundle without config.json, a restore from a hand-made
+    /// directory). Returns its client; [`Containerd::remove_direct_shim`] undoes it.
+    pub fn direct_shim(&self, id: &str, bundle: &Path) -> containerd_shim::protos::shim_sync::TaskClient {
+        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
+        let containerd = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("/usr/bin/containerd") } else { self.bin_dir.join("containerd") };
+        let o = Command::new(&shim)
+            .args(["-namespace", "default", "-address", &self.address, "-publish-binary"])
+            .arg(&containerd)
+            .args(["-id", id, "start"])
+            .current_dir(bundle)
+            .env("KATA_RS_CONFIG", self.dir.join("kata.toml"))
+            .env("TTRPC_ADDRESS", format!("{}.ttrpc", self.address))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the shim's start");
+        assert!(o.status.success(), "shim start: {}", String::from_utf8_lossy(&o.stderr));
+        let address = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let client = containerd_shim::protos::shim_sync::Client::connect(&address).expect("connecting to the shim");
+        containerd_shim::protos::shim_sync::TaskClient::new(client)
+    }
+
+    /// Shuts a [`Containerd::direct_shim`] down and runs its `delete`, as containerd does.
+    pub fn remove_direct_shim(&self, client: &containerd_shim::protos::shim_sync::TaskClient, id: &str, bundle: &Path) {
+        use containerd_shim::protos::{api::ShutdownRequest, ttrpc::context};
+        let _ = client.shutdown(context::with_timeout(10_000_000_000), &ShutdownRequest { id: id.into(), now: true, ..Default::default() });
+        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
+        let containerd = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("/usr/bin/containerd") } else { self.bin_dir.join("containerd") };
+        let o = Command::new(&shim)
+            .args(["-namespace", "default", "-address", &self.address, "-publish-binary"])
+            .arg(&containerd)
+            .args(["-id", id, "-bundle"])
+            .arg(bundle)
+            .arg("delete")
+            .current_dir(bundle)
+            .env("KATA_RS_CONFIG", self.dir.join("kata.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the shim's delete");
+        assert!(o.status.success(), "shim delete: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
     /// Blobs of containerd's content store.
     pub fn content_blobs(&self) -> Vec<PathBuf> {
         let d = self.dir.join("root/io.containerd.content.v1.content/blobs/sha256");
@@ -214,7 +302,12 @@ impl Containerd {
         let kr = self.dir.join("kr").display().to_string();
         let mut v: Vec<String> = crate::processes_mentioning(&kr).into_iter().map(|(p, c)| format!("process {p}: {c}")).collect();
         let me = self.address.clone();
-        v.extend(crate::processes_mentioning(&format!("-address {me}")).into_iter().map(|(p, c)| format!("shim {p}: {c}")));
+        v.extend(
+            crate::processes_mentioning(&format!("-address {me}"))
+                .into_iter()
+                .filter(|(_, c)| c.contains("containerd-shim-kata-rs-v2"))
+                .map(|(p, c)| format!("shim {p}: {c}")),
+        );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let d = self.dir.display().to_string();
         v.extend(mounts.lines().filter(|l| l.contains(&d) && !l.contains("/root/io.containerd")).map(|l| format!("mount: {l}")));
@@ -234,6 +327,34 @@ impl Containerd {
             assert!(start.elapsed() < Duration::from_secs(15), "left behind:\n{}", left.join("\n"));
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+}
+
+/// A running `ctr events`.
+pub struct Events {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Events {
+    /// Waits until an event line with `topic` mentioning `id` was published.
+    pub fn wait_for(&self, topic: &str, id: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.contains(topic) && l.contains(&format!("\"{id}\""))) {
+                return l.to_string();
+            }
+            assert!(start.elapsed() < limit, "no {topic} event of {id} within {limit:?}; events:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -163,3 +163,286 @@ async fn calls_answer_during_checkpoint_and_restore_and_a_dead_vm_is_reported() 
     c.kill_and_remove("m2");
     c.assert_clean();
 }
+
+/// `ctr containers checkpoint --task --image <id> <image>` in a thread.
+fn ctr_checkpoint_in_thread(c: &Containerd, id: &str, image: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let (addr, ctr, id, image) = (c.address.clone(), c.ctr_path(), id.to_string(), image.to_string());
+    std::thread::spawn(move || {
+        std::process::Command::new(ctr).args(["--address", &addr, "--timeout", "900s", "containers", "checkpoint", "--task", "--image", &id, &image]).output().unwrap()
+    })
+}
+
+/// `ctr containers restore --live <id> <image>` in a thread.
+fn ctr_restore_in_thread(c: &Containerd, id: &str, image: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let (addr, ctr, id, image) = (c.address.clone(), c.ctr_path(), id.to_string(), image.to_string());
+    std::thread::spawn(move || std::process::Command::new(ctr).args(["--address", &addr, "--timeout", "900s", "containers", "restore", "--live", &id, &image]).output().unwrap())
+}
+
+/// Waits until the shim of `id` made a new checkpoint staging directory (CRIU is dumping), then 300 ms more.
+fn wait_dump_started(c: &Containerd, id: &str) {
+    let staging = c.dir.join("kr").join(id).join("shared/.checkpoints");
+    let start = Instant::now();
+    while std::fs::read_dir(&staging).map(|r| r.count()).unwrap_or(0) == 0 {
+        assert!(start.elapsed() < T, "the checkpoint of {id} never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn ppid(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).unwrap_or(0)
+}
+
+/// The pid of the helper `program` the shim of sandbox `id` started (a sibling of QEMU; a sandboxed
+/// virtiofsd forks a child of its own, which is not it).
+fn helper_pid(c: &Containerd, id: &str, program: &str) -> u32 {
+    let shim = ppid(task_pid(c, id));
+    let dir = c.dir.join("kr").join(id).display().to_string();
+    let found: Vec<u32> = kata_rs_tests::processes_mentioning(&format!("{dir}/"))
+        .into_iter()
+        .filter(|(p, cmd)| cmd.split_whitespace().next().is_some_and(|a| a.ends_with(program)) && ppid(*p) == shim)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(found.len(), 1, "one {program} started by the shim {shim} of {id}: {found:?}");
+    found[0]
+}
+
+/// After a failed `ctr containers restore`: the task, if containerd kept it, is stopped and removed
+/// (its exit was published); the container record, if ctr kept it, is removed.
+fn remove_failed_restore(c: &Containerd, ev: &Events, id: &str) {
+    if c.task_status(id).is_some() {
+        assert_exit_published_and_remove(c, ev, id);
+    } else if c.ctr_ok(&["containers", "ls", "-q"]).lines().any(|l| l == id) {
+        c.ctr_ok(&["container", "rm", id]);
+    }
+}
+
+fn sigkill(pid: u32) {
+    assert!(pid > 1, "refusing to kill pid {pid}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// No checkpoint image named `image` was registered and containerd stages none.
+fn assert_no_image(c: &Containerd, image: &str) {
+    let ls = c.ctr_ok(&["images", "ls", "-q"]);
+    assert!(!ls.lines().any(|l| l.contains(image)), "a failed checkpoint registered {image}: {ls}");
+    assert!(c.staged_checkpoints().is_empty(), "containerd still stages {:?}", c.staged_checkpoints());
+}
+
+/// After a VM died during a call: containerd heard the exit, the task is STOPPED, and removal leaves nothing.
+fn assert_exit_published_and_remove(c: &Containerd, ev: &Events, id: &str) {
+    let line = ev.wait_for("/tasks/exit", id, Duration::from_secs(10));
+    eprintln!("{id}: {line}");
+    c.wait_status(id, "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "rm", id]);
+    c.ctr_ok(&["container", "rm", id]);
+}
+
+/// The guest kernel panics during a checkpoint (the agent, PID 1, exits: a test fault armed on the
+/// kernel command line) and during a restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_kernel_panic_during_a_checkpoint_or_a_restore_is_reported() {
+    let c = Containerd::start_with("kernel_params = \"kata_rs.test_fault=agent-exit-in-checkpoint:1500\"");
+    let ev = c.events("panic");
+    c.run_detached("p1", &[], &["/bin/memhog", "128"]);
+    wait_file(&c.rootfs("p1").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    let o = ctr_checkpoint_in_thread(&c, "p1", "kata-rs-test/panic:1").join().unwrap();
+    let e = stderr(&o);
+    eprintln!("checkpoint with a guest panic: {e}");
+    assert!(!o.status.success() && e.contains("the guest kernel panicked") && e.contains("Attempted to kill init"), "{e}");
+    assert_no_image(&c, "kata-rs-test/panic:1");
+    assert_exit_published_and_remove(&c, &ev, "p1");
+    let log = std::fs::read_to_string(c.dir.join("containerd.log")).unwrap_or_default();
+    assert!(log.contains("the VM is gone"), "the shim's log says why the task ended");
+    c.assert_clean();
+    drop(c);
+
+    let c = Containerd::start_with("kernel_params = \"kata_rs.test_fault=agent-exit-in-restore:1000\"");
+    let ev = c.events("panic-restore");
+    c.run_detached("p2", &[], &["/bin/memhog", "64"]);
+    wait_file(&c.rootfs("p2").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    c.ctr_ok(&["--timeout", "900s", "containers", "checkpoint", "--task", "--image", "p2", "kata-rs-test/panic:2"]);
+    c.kill_and_remove("p2");
+    let o = ctr_restore_in_thread(&c, "p3", "kata-rs-test/panic:2").join().unwrap();
+    let e = stderr(&o);
+    eprintln!("restore with a guest panic: {} {e}", o.status);
+    assert!(!o.status.success() && e.contains("the guest kernel panicked"), "{e}");
+    remove_failed_restore(&c, &ev, "p3");
+    c.assert_clean();
+}
+
+/// virtiofsd or vhost-device-vsock killed during a checkpoint, and virtiofsd during a restore: the VM
+/// cannot serve its container any more, so QEMU is killed, the call fails naming the daemon, the exit is
+/// published, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_daemon_killed_during_a_checkpoint_or_a_restore_ends_the_vm() {
+    let c = Containerd::start();
+    let ev = c.events("daemons");
+    c.run_detached("d0", &[], &["/bin/memhog", "64"]);
+    wait_file(&c.rootfs("d0").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    c.ctr_ok(&["--timeout", "900s", "containers", "checkpoint", "--task", "--image", "d0", "kata-rs-test/daemons:0"]);
+    c.kill_and_remove("d0");
+
+    for (id, daemon) in [("d1", "virtiofsd"), ("d2", "vhost-device-vsock")] {
+        c.run_detached(id, &[], &["/bin/memhog", "128"]);
+        wait_file(&c.rootfs(id).join("fill"), SLOW, |s| s.ends_with('\n')).await;
+        let qemu = task_pid(&c, id);
+        let pid = helper_pid(&c, id, daemon);
+        let h = ctr_checkpoint_in_thread(&c, id, &format!("kata-rs-test/daemons:{id}"));
+        wait_dump_started(&c, id);
+        sigkill(pid);
+        let o = h.join().unwrap();
+        let e = stderr(&o);
+        eprintln!("checkpoint with {daemon} killed: {e}");
+        assert!(!o.status.success() && e.contains(&format!("{daemon} (pid {pid}) exited")), "{e}");
+        assert_no_image(&c, &format!("kata-rs-test/daemons:{id}"));
+        assert_exit_published_and_remove(&c, &ev, id);
+        assert!(!std::path::Path::new(&format!("/proc/{qemu}")).exists(), "QEMU {qemu} was killed with its VM");
+    }
+
+    // virtiofsd killed while the restore reads the images through it.
+    let h = ctr_restore_in_thread(&c, "d3", "kata-rs-test/daemons:0");
+    let start = Instant::now();
+    while !c.dir.join("kr/d3/shared/.restore-images").exists() {
+        assert!(start.elapsed() < SLOW && !h.is_finished(), "the restore of d3 never staged its images");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = helper_pid(&c, "d3", "virtiofsd");
+    sigkill(pid);
+    let o = h.join().unwrap();
+    let e = stderr(&o);
+    eprintln!("restore with virtiofsd killed: {} {e}", o.status);
+    assert!(!o.status.success() && e.contains(&format!("virtiofsd (pid {pid}) exited")), "{e}");
+    remove_failed_restore(&c, &ev, "d3");
+    c.assert_clean();
+}
+
+/// containerd restarted during a checkpoint: the shim goes on, the task is still running afterwards and
+/// can be checkpointed again; what containerd was staging is either absent or a whole image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_restarted_during_a_checkpoint() {
+    let mut c = Containerd::start();
+    c.run_detached("r1", &[], &["/bin/memhog", "128"]);
+    wait_file(&c.rootfs("r1").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    let h = ctr_checkpoint_in_thread(&c, "r1", "kata-rs-test/restart:1");
+    wait_dump_started(&c, "r1");
+    c.restart();
+    let o = h.join().unwrap();
+    eprintln!("checkpoint with containerd restarted: {} {}", o.status, stderr(&o));
+    assert!(!o.status.success(), "ctr lost its containerd");
+    // The dump finishes in the shim; the task goes on running.
+    let staging = c.dir.join("kr/r1/shared/.checkpoints");
+    let start = Instant::now();
+    while std::fs::read_dir(&staging).map(|r| r.count()).unwrap_or(0) > 0 {
+        assert!(start.elapsed() < SLOW, "the shim's checkpoint never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.task_status("r1").as_deref(), Some("RUNNING"));
+    for d in c.staged_checkpoints() {
+        let d = c.dir.join("xdg").join(d);
+        let n = std::fs::read_dir(&d).map(|r| r.count()).unwrap_or(0);
+        eprintln!("containerd left its staging directory {} ({n} entries)", d.display());
+        assert!(n == 0 || d.join("inventory.img").is_file(), "a partial image in {}", d.display());
+    }
+    let before = std::fs::read_to_string(c.rootfs("r1").join("count")).unwrap_or_default();
+    c.ctr_ok(&["--timeout", "900s", "containers", "checkpoint", "--task", "--image", "r1", "kata-rs-test/restart:2"]);
+    wait_counter(&c.rootfs("r1").join("count"), before.trim().parse::<u64>().unwrap_or(0) + 1, T).await;
+    c.kill_and_remove("r1");
+    c.assert_clean();
+}
+
+/// The shim SIGKILLed during a checkpoint: its VM dies with it, containerd publishes the exit and cleans
+/// up with the shim's `delete`, and its staging directory is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shim_killed_during_a_checkpoint_is_cleaned_up() {
+    let c = Containerd::start();
+    let ev = c.events("shimkill");
+    c.run_detached("s1", &[], &["/bin/memhog", "128"]);
+    wait_file(&c.rootfs("s1").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    let shims = kata_rs_tests::processes_mentioning("-id s1 ");
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let h = ctr_checkpoint_in_thread(&c, "s1", "kata-rs-test/shimkill:1");
+    wait_dump_started(&c, "s1");
+    sigkill(shims[0].0);
+    let o = h.join().unwrap();
+    eprintln!("checkpoint with the shim killed: {}", stderr(&o));
+    assert!(!o.status.success());
+    assert_no_image(&c, "kata-rs-test/shimkill:1");
+    let line = ev.wait_for("/tasks/exit", "s1", Duration::from_secs(30));
+    eprintln!("{line}");
+    let start = Instant::now();
+    while c.task_status("s1").is_some() {
+        assert!(start.elapsed() < T, "task s1 still listed after its shim was killed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ctr_ok(&["container", "rm", "s1"]);
+    c.assert_clean();
+}
+
+/// A checkpoint into a directory on a tiny tmpfs that fills up: the error says so, the directory is left
+/// empty, the task runs on, and a checkpoint to a good directory then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_into_a_full_filesystem_fails_cleanly() {
+    let c = Containerd::start();
+    c.run_detached("f1", &[], &["/bin/memhog", "64"]);
+    wait_file(&c.rootfs("f1").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    let tiny = c.dir.join("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    nix::mount::mount(Some("tiny"), &tiny, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m")).unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _u = Unmount(tiny.clone());
+    let target = tiny.join("ck");
+    std::fs::create_dir(&target).unwrap();
+    let e = checkpoint_in_thread(&c, "f1", target.clone()).join().unwrap().expect_err("1 MiB cannot hold 64 MiB of images");
+    eprintln!("checkpoint into a full tmpfs: {e}");
+    assert!(e.contains("No space left on device") && e.contains(&target.display().to_string()), "{e}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "no partial image");
+    assert_eq!(c.task_status("f1").as_deref(), Some("RUNNING"));
+    checkpoint_in_thread(&c, "f1", c.dir.join("ck-good")).join().unwrap().expect("a checkpoint to a good directory");
+    assert!(c.dir.join("ck-good/inventory.img").is_file());
+    c.kill_and_remove("f1");
+    drop(_u);
+    c.assert_clean();
+}
+
+/// `ctr --timeout 5s containers restore`: the caller gives up during the restore. containerd then removes
+/// the task; the shim finishes or abandons the restore and leaves nothing, and the image still restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_caller_gives_up_leaves_nothing() {
+    let c = Containerd::start();
+    c.run_detached("t1", &[], &["/bin/memhog", "64"]);
+    wait_file(&c.rootfs("t1").join("fill"), SLOW, |s| s.ends_with('\n')).await;
+    c.ctr_ok(&["--timeout", "900s", "containers", "checkpoint", "--task", "--image", "t1", "kata-rs-test/timeout:1"]);
+    c.kill_and_remove("t1");
+    let started = Instant::now();
+    let o = c.ctr(&["--timeout", "5s", "containers", "restore", "--live", "t2", "kata-rs-test/timeout:1"]);
+    eprintln!("restore with a 5 s deadline: {} after {:?}: {}", o.status, started.elapsed(), stderr(&o));
+    assert!(!o.status.success(), "a TCG restore takes longer than 5 s");
+    assert!(stderr(&o).contains("deadline"), "{}", stderr(&o));
+    // containerd removes the task it could not create (or it can be removed); then nothing of t2 is left.
+    let start = Instant::now();
+    while c.task_status("t2").is_some() {
+        let _ = c.ctr(&["task", "rm", "-f", "t2"]);
+        assert!(start.elapsed() < SLOW, "task t2 cannot be removed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if c.ctr_ok(&["containers", "ls", "-q"]).lines().any(|l| l == "t2") {
+        c.ctr_ok(&["container", "rm", "t2"]);
+    }
+    c.assert_clean();
+    // Nothing was lost: the image restores.
+    c.ctr_ok(&["--timeout", "900s", "containers", "restore", "--live", "t3", "kata-rs-test/timeout:1"]);
+    assert_eq!(c.task_status("t3").as_deref(), Some("RUNNING"));
+    c.kill_and_remove("t3");
+    c.assert_clean();
+}
