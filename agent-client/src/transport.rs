@@ -99,12 +99,13 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
-    /// A fake hybrid-vsock server (a unix listener that answers the CONNECT line), to test the handshake logic.
-    async fn fake_server(reply: &'static [u8]) -> (tempfile_dir::Dir, PathBuf) {
+    /// A fake hybrid-vsock server (a unix listener that answers the CONNECT line), to test the handshake
+    /// logic. Its task checks the request line: each test awaits it, so that a failed check fails the test.
+    async fn fake_server(reply: &'static [u8]) -> (tempfile_dir::Dir, PathBuf, tokio::task::JoinHandle<()>) {
         let dir = tempfile_dir::Dir::new();
         let path = dir.0.join("hv.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 32];
             let n = s.read(&mut buf).await.unwrap();
@@ -112,7 +113,7 @@ mod tests {
             s.write_all(reply).await.unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
         });
-        (dir, path)
+        (dir, path, server)
     }
 
     mod tempfile_dir {
@@ -138,26 +139,29 @@ mod tests {
 
     #[tokio::test]
     async fn hybrid_handshake_accepts_ok() {
-        let (_d, path) = fake_server(b"OK 1073741824\n").await;
+        let (_d, path, server) = fake_server(b"OK 1073741824\n").await;
         let t = Transport::Hybrid { uds: path, port: 1024 };
         assert!(t.connect_once(Duration::from_secs(2)).await.is_ok());
+        server.await.expect("the server saw the CONNECT line");
     }
 
     #[tokio::test]
     async fn hybrid_handshake_rejects_other_reply() {
-        let (_d, path) = fake_server(b"NO\n").await;
+        let (_d, path, server) = fake_server(b"NO\n").await;
         let t = Transport::Hybrid { uds: path, port: 1024 };
         let err = t.connect_once(Duration::from_secs(2)).await.err().expect("must fail");
         assert!(err.to_string().contains("unexpected reply \"NO\""), "{err}");
+        server.await.expect("the server saw the CONNECT line");
     }
 
     #[tokio::test]
     async fn hybrid_handshake_reports_closed_connection() {
-        let (_d, path) = fake_server(b"").await;
+        let (_d, path, server) = fake_server(b"").await;
         let t = Transport::Hybrid { uds: path, port: 1024 };
         // The fake server closes after its (empty) reply once its sleep ends.
         let err = t.connect_once(Duration::from_secs(5)).await.err().expect("must fail");
         assert!(err.to_string().contains("connection closed"), "{err}");
+        server.await.expect("the server saw the CONNECT line");
     }
 
     #[test]

@@ -88,8 +88,9 @@ async fn kill_delivers_the_signal_and_stdin_reaches_the_container() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "got:ping\n");
     assert!(o.status.success());
 
-    c.run_detached("k4", &[], &["sh", "-c", "trap 'echo term > /got-term; exit 7' TERM; while :; do sleep 0.1; done"]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.run_detached("k4", &[], &["sh", "-c", "trap 'echo term > /got-term; exit 7' TERM; echo ready > /trap-set; while :; do sleep 0.1; done"]);
+    // The trap is installed once /trap-set is written.
+    kata_rs_tests::wait_file(&c.rootfs("k4").join("trap-set"), T, |s| s == "ready\n").await;
     c.ctr_ok(&["task", "kill", "k4"]);
     c.wait_status("k4", "STOPPED", T);
     assert_eq!(std::fs::read_to_string(c.rootfs("k4").join("got-term")).unwrap(), "term\n");

@@ -137,7 +137,7 @@ async fn stop_and_assert_clean_after_quit(sb: kata_rs_shim::Sandbox, mut events:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn criu_check_runs_in_the_guest_and_reads_back_the_log() {
+async fn criu_check_runs_in_the_guest_and_file_reads_stay_in_the_agents_directories() {
     let sb = boot("criu").await;
     let r = sb.agent.call("CriuCheck", T, |c, ctx| async move { c.criu_check(ctx, &CriuCheckRequest::new()).await }).await.unwrap();
     assert_eq!(r.exit_code, 0, "criu check failed: {}", r.output);
