@@ -27,19 +27,46 @@ pub struct Options {
     pub work_path: String,
 }
 
+/// Why a checkpoint or restore request was refused before any work (all the caller's to fix).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CheckpointError {
+    /// The request's options: an unknown type, undecodable, or an option kata-rs cannot honour.
+    #[error("{0}")]
+    Options(String),
+    /// The container's deadline annotation.
+    #[error("{0}")]
+    Deadline(String),
+    /// The directory for the images: relative, not a directory, not empty, not writable, not creatable.
+    #[error("{0}")]
+    TargetDir(String),
+}
+
+impl From<CheckpointError> for crate::error::TaskError {
+    fn from(e: CheckpointError) -> Self {
+        crate::error::TaskError::Invalid(e.to_string())
+    }
+}
+
+impl From<CheckpointError> for containerd_shim::protos::ttrpc::Error {
+    fn from(e: CheckpointError) -> Self {
+        crate::error::TaskError::from(e).into()
+    }
+}
+
 /// Decodes the Checkpoint request's options: absent, or runc's CheckpointOptions.
-pub fn parse_options(any: Option<&Any>) -> Result<Options, String> {
+pub fn parse_options(any: Option<&Any>) -> Result<Options, CheckpointError> {
+    use CheckpointError::Options as Bad;
     let Some(any) = any else { return Ok(Options::default()) };
     if any.type_url.is_empty() && any.value.is_empty() {
         return Ok(Options::default());
     }
     let name = any.type_url.rsplit('/').next().unwrap_or("");
     if name != RUNC_OPTIONS_TYPE {
-        return Err(format!("unknown checkpoint options type {:?}: kata-rs takes {RUNC_OPTIONS_TYPE} or none", any.type_url));
+        return Err(Bad(format!("unknown checkpoint options type {:?}: kata-rs takes {RUNC_OPTIONS_TYPE} or none", any.type_url)));
     }
-    let o = CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| format!("invalid {RUNC_OPTIONS_TYPE}: {e}"))?;
+    let o = CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| Bad(format!("invalid {RUNC_OPTIONS_TYPE}: {e}")))?;
     if !o.cgroups_mode.is_empty() {
-        return Err(format!("checkpoint option cgroups_mode={:?} is not supported by kata-rs (the guest manages cgroups)", o.cgroups_mode));
+        return Err(Bad(format!("checkpoint option cgroups_mode={:?} is not supported by kata-rs (the guest manages cgroups)", o.cgroups_mode)));
     }
     Ok(Options {
         exit: o.exit,
@@ -60,12 +87,12 @@ pub const DEADLINE_ANNOTATION: &str = "io.kata-rs.checkpoint.deadline_s";
 const MAX_DEADLINE_S: u64 = 24 * 3600;
 
 /// The deadline for this container: the annotation's value when set (validated), else `default_s`.
-pub fn deadline_from_spec(spec: &serde_json::Value, default_s: u64) -> Result<u64, String> {
+pub fn deadline_from_spec(spec: &serde_json::Value, default_s: u64) -> Result<u64, CheckpointError> {
     let Some(v) = spec.pointer("/annotations").and_then(|a| a.get(DEADLINE_ANNOTATION)) else { return Ok(default_s) };
     let s = v.as_str().unwrap_or_default();
     match s.trim().parse::<u64>() {
         Ok(n) if (1..=MAX_DEADLINE_S).contains(&n) => Ok(n),
-        _ => Err(format!("annotation {DEADLINE_ANNOTATION}={v}: must be a whole number of seconds from 1 to {MAX_DEADLINE_S}")),
+        _ => Err(CheckpointError::Deadline(format!("annotation {DEADLINE_ANNOTATION}={v}: must be a whole number of seconds from 1 to {MAX_DEADLINE_S}"))),
     }
 }
 
@@ -83,23 +110,24 @@ pub fn effective_deadline(container_s: u64, request: Option<std::time::Duration>
 }
 
 /// The directory containerd wants the images in must be an empty, writable directory.
-pub fn check_target_dir(dir: &Path) -> Result<(), String> {
+pub fn check_target_dir(dir: &Path) -> Result<(), CheckpointError> {
+    let bad = |m: String| CheckpointError::TargetDir(m);
     if !dir.is_absolute() {
-        return Err(format!("checkpoint directory {} is not an absolute path", dir.display()));
+        return Err(bad(format!("checkpoint directory {} is not an absolute path", dir.display())));
     }
     match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).map_err(|e| format!("cannot create checkpoint directory {}: {e}", dir.display()))?;
+            fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create checkpoint directory {}: {e}", dir.display())))?;
         }
-        Err(e) => return Err(format!("checkpoint directory {}: {e}", dir.display())),
-        Ok(m) if !m.is_dir() => return Err(format!("checkpoint directory {} is not a directory", dir.display())),
+        Err(e) => return Err(bad(format!("checkpoint directory {}: {e}", dir.display()))),
+        Ok(m) if !m.is_dir() => return Err(bad(format!("checkpoint directory {} is not a directory", dir.display()))),
         Ok(_) => {}
     }
-    if fs::read_dir(dir).map_err(|e| format!("checkpoint directory {}: {e}", dir.display()))?.next().is_some() {
-        return Err(format!("checkpoint directory {} is not empty; nothing was written", dir.display()));
+    if fs::read_dir(dir).map_err(|e| bad(format!("checkpoint directory {}: {e}", dir.display())))?.next().is_some() {
+        return Err(bad(format!("checkpoint directory {} is not empty; nothing was written", dir.display())));
     }
     let probe = dir.join(".kata-rs-write-test");
-    fs::write(&probe, b"").map_err(|e| format!("checkpoint directory {} is not writable: {e}", dir.display()))?;
+    fs::write(&probe, b"").map_err(|e| bad(format!("checkpoint directory {} is not writable: {e}", dir.display())))?;
     let _ = fs::remove_file(probe);
     Ok(())
 }
@@ -193,7 +221,7 @@ mod tests {
         assert_eq!(d(&with("1".into()), 600), Ok(1));
         assert_eq!(d(&with(" 90 ".into()), 600), Ok(90));
         for bad in [serde_json::json!("0"), serde_json::json!("-1"), serde_json::json!("1.5"), serde_json::json!("ten"), serde_json::json!(5), serde_json::json!("86401")] {
-            let e = d(&with(bad.clone()), 600).unwrap_err();
+            let e = d(&with(bad.clone()), 600).unwrap_err().to_string();
             assert!(e.contains(super::DEADLINE_ANNOTATION) && e.contains("seconds"), "{bad}: {e}");
         }
     }
@@ -221,9 +249,9 @@ mod tests {
         assert_eq!(p.empty_namespaces, ["network"]);
         assert_eq!(p.image_path, "/x/img");
         let any = Any { type_url: "types.example/other.Options".into(), value: vec![1], ..Default::default() };
-        assert!(parse_options(Some(&any)).unwrap_err().contains("unknown checkpoint options type"));
+        assert!(parse_options(Some(&any)).unwrap_err().to_string().contains("unknown checkpoint options type"));
         let any = Any { type_url: RUNC_OPTIONS_TYPE.into(), value: vec![0xff, 0xff], ..Default::default() };
-        assert!(parse_options(Some(&any)).unwrap_err().contains("invalid"));
+        assert!(parse_options(Some(&any)).unwrap_err().to_string().contains("invalid"));
     }
 
     #[test]
@@ -232,8 +260,8 @@ mod tests {
         check_target_dir(&d).unwrap();
         assert!(fs::read_dir(&d).unwrap().next().is_none(), "the write probe is removed");
         fs::write(d.join("x"), b"1").unwrap();
-        assert!(check_target_dir(&d).unwrap_err().contains("not empty"));
-        assert!(check_target_dir(Path::new("rel")).unwrap_err().contains("absolute"));
+        assert!(check_target_dir(&d).unwrap_err().to_string().contains("not empty"));
+        assert!(check_target_dir(Path::new("rel")).unwrap_err().to_string().contains("absolute"));
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -5,6 +5,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod criu_stats;
+pub mod error;
 pub mod metrics;
 pub mod mounts;
 pub mod safefs;

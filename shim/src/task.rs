@@ -16,7 +16,7 @@ use containerd_shim::{
         protobuf::{well_known_types::timestamp::Timestamp, MessageDyn},
         shim_async::Task,
         topics::*,
-        ttrpc::{self, r#async::TtrpcContext, Code},
+        ttrpc::{self, r#async::TtrpcContext},
     },
     util::{convert_to_any, timestamp},
 };
@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::{
     checkpoint::{self, Staging, CHECKPOINT_DIR, RESTORE_DIR},
     config::Config,
+    error::TaskError,
     mounts,
     safefs::Dir,
     sandbox::Sandbox,
@@ -37,18 +38,8 @@ const LONG: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long Wait waits for the last output after a process exited.
 const IO_DRAIN: Duration = Duration::from_secs(10);
 
-fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
-}
-
-/// An agent error as a ttrpc status: the guest's status code is a typed value (never parsed from the
-/// message text the guest wrote), and only codes that tell containerd something are passed on.
 fn agent_err(e: agent_client::AgentError) -> ttrpc::Error {
-    let code = match e.guest_code() {
-        Some(c @ (Code::NOT_FOUND | Code::INVALID_ARGUMENT | Code::ALREADY_EXISTS | Code::FAILED_PRECONDITION)) => c,
-        _ => Code::INTERNAL,
-    };
-    err(code, e.to_string())
+    TaskError::Agent(e).into()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,20 +55,20 @@ enum PStatus {
 }
 
 /// Only a created process can be started.
-fn can_start(id: &str, exec_id: &str, status: PStatus) -> Result<(), String> {
+fn can_start(id: &str, exec_id: &str, status: PStatus) -> Result<(), TaskError> {
     match status {
         PStatus::Created => Ok(()),
-        PStatus::Starting | PStatus::Restoring => Err(format!("process {id}/{exec_id} is already being started")),
-        _ => Err(format!("process {id}/{exec_id} is not in the created state")),
+        PStatus::Starting | PStatus::Restoring => Err(TaskError::Precondition(format!("process {id}/{exec_id} is already being started"))),
+        _ => Err(TaskError::Precondition(format!("process {id}/{exec_id} is not in the created state"))),
     }
 }
 
 /// A process can be deleted when it has not started or has stopped; never while it starts, runs or restores.
-fn can_delete(id: &str, status: PStatus) -> Result<(), String> {
+fn can_delete(id: &str, status: PStatus) -> Result<(), TaskError> {
     match status {
         PStatus::Created | PStatus::Stopped => Ok(()),
-        PStatus::Starting | PStatus::Restoring => Err(format!("{id} is being started; delete it when its start has ended")),
-        PStatus::Running | PStatus::Paused => Err(format!("{id} is still running; kill it first")),
+        PStatus::Starting | PStatus::Restoring => Err(TaskError::Precondition(format!("{id} is being started; delete it when its start has ended"))),
+        PStatus::Running | PStatus::Paused => Err(TaskError::Precondition(format!("{id} is still running; kill it first"))),
     }
 }
 
@@ -156,7 +147,7 @@ impl TaskState {
         if exec_id.is_empty() {
             return Ok(&mut self.init);
         }
-        self.execs.get_mut(exec_id).ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {} not found", self.id)))
+        self.execs.get_mut(exec_id).ok_or_else(|| TaskError::not_found(format!("exec {exec_id} of {} not found", self.id)))
     }
 }
 
@@ -184,9 +175,9 @@ impl TaskService {
     /// that containerd does not take it for gone), else not found.
     fn no_task(&self, id: &str) -> ttrpc::Error {
         if self.creating_lock().as_ref().is_some_and(|c| c.id == id) {
-            err(Code::FAILED_PRECONDITION, format!("task {id} is being created (its VM is booting); try again when Create has returned"))
+            TaskError::precondition(format!("task {id} is being created (its VM is booting); try again when Create has returned"))
         } else {
-            err(Code::NOT_FOUND, format!("task {id} not found"))
+            TaskError::not_found(format!("task {id} not found"))
         }
     }
 
@@ -276,38 +267,38 @@ impl TaskService {
     async fn create_inner(&self, req: &CreateTaskRequest) -> ttrpc::Result<TaskState> {
         let restore = !req.checkpoint.is_empty();
         if restore && !Path::new(&req.checkpoint).join("inventory.img").is_file() {
-            return Err(err(Code::INVALID_ARGUMENT, format!("checkpoint {} holds no CRIU images (no inventory.img)", req.checkpoint)));
+            return Err(TaskError::invalid(format!("checkpoint {} holds no CRIU images (no inventory.img)", req.checkpoint)));
         }
         let explicit = match req.options.as_ref() {
-            Some(o) => crate::config::config_path_from_options(&o.type_url, &o.value).map_err(|e| err(Code::INVALID_ARGUMENT, e))?,
+            Some(o) => crate::config::config_path_from_options(&o.type_url, &o.value).map_err(|e| TaskError::invalid(e))?,
             None => None,
         };
-        let config = Config::discover(explicit.as_deref()).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let config = Config::discover(explicit.as_deref()).map_err(|e| TaskError::invalid(e.to_string()))?;
         let bundle = PathBuf::from(&req.bundle);
         if let Some(p) = &explicit {
             std::fs::write(bundle.join(crate::shimcmd::CONFIG_PATH_FILE), p.as_os_str().as_encoded_bytes())
-                .map_err(|e| err(Code::INTERNAL, format!("{}: {e}", bundle.display())))?;
+                .map_err(|e| TaskError::internal(format!("{}: {e}", bundle.display())))?;
         }
-        let raw = std::fs::read(bundle.join("config.json")).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
-        let adapted = spec::adapt_for_guest(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| err(Code::INVALID_ARGUMENT, format!("{}/config.json: {e}", req.bundle)))?;
-        let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let raw = std::fs::read(bundle.join("config.json")).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
+        let adapted = spec::adapt_for_guest(&raw).map_err(|e| TaskError::invalid(e.to_string()))?;
+        let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
+        let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s)?;
         if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
             warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
         }
-        let prepared = Sandbox::prepare(&config, &req.id).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let prepared = Sandbox::prepare(&config, &req.id).map_err(|e| TaskError::internal(e.to_string()))?;
         let mounts = match mounts::ContainerMounts::setup(&bundle, &req.rootfs, &prepared.shared_dir, &req.id) {
             Ok(m) => m,
             Err(e) => {
                 prepared.discard();
-                return Err(err(Code::INTERNAL, e.to_string()));
+                return Err(TaskError::internal(e.to_string()));
             }
         };
         let sandbox = match Sandbox::boot(&config, prepared).await {
             Ok(s) => s,
             Err(e) => {
                 mounts.teardown();
-                return Err(err(Code::INTERNAL, e.to_string()));
+                return Err(TaskError::internal(e.to_string()));
             }
         };
         let agent = sandbox.agent.clone();
@@ -334,7 +325,7 @@ impl TaskService {
                 Ok(st) => restore_staging = Some(st),
                 Err(e) => {
                     sandbox.stop(Some(&mounts)).await;
-                    return Err(err(Code::INVALID_ARGUMENT, format!("staging checkpoint {} for the guest: {e}", req.checkpoint)));
+                    return Err(TaskError::invalid(format!("staging checkpoint {} for the guest: {e}", req.checkpoint)));
                 }
             }
         }
@@ -389,13 +380,13 @@ impl TaskService {
 }
 
 /// Only a running or paused task can be checkpointed (containerd pauses before it checkpoints).
-fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -> Result<(), String> {
+fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -> Result<(), TaskError> {
     match status {
         PStatus::Running | PStatus::Paused => Ok(()),
-        PStatus::Created if restore_pending => Err(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it")),
-        PStatus::Starting | PStatus::Restoring => Err(format!("task {id} is being started: checkpoint it once it runs")),
-        PStatus::Created => Err(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed")),
-        PStatus::Stopped => Err(format!("task {id} is Stopped: only a running or paused task can be checkpointed")),
+        PStatus::Created if restore_pending => Err(TaskError::Precondition(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it"))),
+        PStatus::Starting | PStatus::Restoring => Err(TaskError::Precondition(format!("task {id} is being started: checkpoint it once it runs"))),
+        PStatus::Created => Err(TaskError::Precondition(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed"))),
+        PStatus::Stopped => Err(TaskError::Precondition(format!("task {id} is Stopped: only a running or paused task can be checkpointed"))),
     }
 }
 
@@ -415,7 +406,7 @@ impl Task for TaskService {
             let g = self.state.lock().await;
             let mut creating = self.creating_lock();
             if g.is_some() || creating.is_some() {
-                return Err(err(Code::ALREADY_EXISTS, format!("this shim already runs a task; {} cannot be added", req.id)));
+                return Err(TaskError::exists(format!("this shim already runs a task; {} cannot be added", req.id)));
             }
             *creating = Some(req.clone());
         }
@@ -435,7 +426,7 @@ impl Task for TaskService {
             })
         })
         .await
-        .map_err(|e| err(Code::INTERNAL, format!("create task failed: {e}")))?;
+        .map_err(|e| TaskError::internal(format!("create task failed: {e}")))?;
         let (pid, gone) = created?;
         if let Some(gone) = gone {
             self.spawn_vm_watch(gone);
@@ -464,9 +455,9 @@ impl Task for TaskService {
             let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
             let restore = req.exec_id.is_empty() && st.restore_pending;
             let status = st.proc_mut(&req.exec_id)?.status;
-            can_start(&st.id, &req.exec_id, status).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+            can_start(&st.id, &req.exec_id, status)?;
             if let Some(why) = &st.vm_gone {
-                return Err(err(Code::FAILED_PRECONDITION, format!("task {}: the VM is gone ({why})", st.id)));
+                return Err(TaskError::precondition(format!("task {}: the VM is gone ({why})", st.id)));
             }
             let staging = if restore { st.restore_staging.take() } else { None };
             if restore {
@@ -489,12 +480,12 @@ impl Task for TaskService {
             agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
         };
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| err(Code::NOT_FOUND, format!("task {cid} was deleted while it started")))?;
+        let st = g.as_mut().ok_or_else(|| TaskError::not_found(format!("task {cid} was deleted while it started")))?;
         let p = st.proc_mut(&req.exec_id)?;
         let guest_pid = match result {
             Ok(pid) if p.status == PStatus::Stopped => {
                 // The VM went away meanwhile; its exit is already reported.
-                return Err(err(Code::UNAVAILABLE, format!("process {cid}/{} started (guest pid {pid}) but its VM is gone", req.exec_id)));
+                return Err(TaskError::unavailable(format!("process {cid}/{} started (guest pid {pid}) but its VM is gone", req.exec_id)));
             }
             Ok(pid) => pid,
             Err(e) if restore => {
@@ -583,7 +574,7 @@ impl Task for TaskService {
                 return Ok(WaitResponse { exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
             }
             if rx.changed().await.is_err() {
-                return Err(err(Code::INTERNAL, "process state lost"));
+                return Err(TaskError::internal("process state lost"));
             }
         }
     }
@@ -596,9 +587,9 @@ impl Task for TaskService {
             let agent = st.agent.clone();
             let p = st.proc_mut(&req.exec_id)?;
             match p.status {
-                PStatus::Stopped => return Err(err(Code::NOT_FOUND, format!("process {cid}/{} already finished", req.exec_id))),
+                PStatus::Stopped => return Err(TaskError::not_found(format!("process {cid}/{} already finished", req.exec_id))),
                 PStatus::Starting | PStatus::Restoring => {
-                    return Err(err(Code::FAILED_PRECONDITION, format!("process {cid}/{} is being started; signal it once it runs", req.exec_id)))
+                    return Err(TaskError::precondition(format!("process {cid}/{} is being started; signal it once it runs", req.exec_id)))
                 }
                 _ => {}
             }
@@ -613,7 +604,7 @@ impl Task for TaskService {
         let mut g = self.state.lock().await;
         let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
         if st.execs.contains_key(&req.exec_id) {
-            return Err(err(Code::ALREADY_EXISTS, format!("exec {} already exists", req.exec_id)));
+            return Err(TaskError::exists(format!("exec {} already exists", req.exec_id)));
         }
         let mut p = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         p.spec = req.spec.value.clone();
@@ -664,8 +655,8 @@ impl Task for TaskService {
         let (agent, cid) = self.agent_of(&req.id).await?;
         let r = ag::ContainerRequest { container_id: cid, ..Default::default() };
         let raw = agent.call_default("StatsContainer", |c, ctx| async move { c.stats_container(ctx, &r).await }).await.map_err(agent_err)?;
-        let m = crate::metrics::from_runc_stats(&raw.runc_stats).map_err(|e| err(Code::INTERNAL, e))?;
-        let any = convert_to_any(Box::new(m)).map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        let m = crate::metrics::from_runc_stats(&raw.runc_stats).map_err(|e| TaskError::internal(e))?;
+        let any = convert_to_any(Box::new(m)).map_err(|e| TaskError::internal(e.to_string()))?;
         Ok(StatsResponse { stats: Some(any).into(), ..Default::default() })
     }
 
@@ -686,15 +677,15 @@ impl Task for TaskService {
         let mut g = self.state.lock().await;
         let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
         if !req.exec_id.is_empty() {
-            let p = st.execs.get(&req.exec_id).ok_or_else(|| err(Code::NOT_FOUND, format!("exec {} not found", req.exec_id)))?;
-            can_delete(&format!("exec {}", req.exec_id), p.status).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+            let p = st.execs.get(&req.exec_id).ok_or_else(|| TaskError::not_found(format!("exec {} not found", req.exec_id)))?;
+            can_delete(&format!("exec {}", req.exec_id), p.status)?;
             let p = st.execs.remove(&req.exec_id).expect("checked");
             let (code, ts) = p.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
             return Ok(DeleteResponse { pid: st.host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
         }
-        can_delete(&format!("task {}", st.id), st.init.status).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+        can_delete(&format!("task {}", st.id), st.init.status)?;
         if st.checkpointing {
-            return Err(err(Code::FAILED_PRECONDITION, format!("task {} is being checkpointed; delete it when the checkpoint has ended", st.id)));
+            return Err(TaskError::precondition(format!("task {} is being checkpointed; delete it when the checkpoint has ended", st.id)));
         }
         let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
         let pid = st.host_pid;
@@ -727,7 +718,7 @@ impl Task for TaskService {
         let me = self.clone();
         tokio::spawn(async move { me.checkpoint_inner(req, request_deadline).await })
             .await
-            .map_err(|e| err(Code::INTERNAL, format!("checkpoint task failed: {e}")))?
+            .map_err(|e| TaskError::internal(format!("checkpoint task failed: {e}")))?
     }
 }
 
@@ -814,6 +805,8 @@ async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, n
                 Err(e) => format!("(cannot write {}: {e}; guest path {guest_path})", host.display()),
             }
         }
+        // The reason the VM is gone is in the error already.
+        Err(agent_client::AgentError::VmGone { .. }) => format!("(not available: it stayed in the VM, which is gone; guest path {guest_path})"),
         Err(e) => format!("(not available: {e}; guest path {guest_path})"),
     }
 }
@@ -850,7 +843,7 @@ impl TaskService {
             }
             Err(e) => {
                 let log = fetch_guest_log(agent, &format!("{work}/restore.log"), bundle, "restore.log").await;
-                Err(err(Code::INTERNAL, format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")))
+                Err(TaskError::internal(format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")))
             }
         }
     }
@@ -869,17 +862,17 @@ impl TaskService {
     /// The checkpoint; marks the task as checkpointing (and sets `claimed`) once its checks passed, for
     /// the caller to clear.
     async fn checkpoint_unlocked(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>, claimed: &mut bool) -> ttrpc::Result<Empty> {
-        let opts = checkpoint::parse_options(req.options.as_ref()).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        let opts = checkpoint::parse_options(req.options.as_ref())?;
         let (agent, cid, paused, bundle, shared, deadline_s, n, max) = {
             let mut g = self.state.lock().await;
             let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
             let status = st.init.status;
-            checkpointable(&st.id, status, st.restore_pending).map_err(|e| err(Code::FAILED_PRECONDITION, e))?;
+            checkpointable(&st.id, status, st.restore_pending)?;
             if st.checkpointing {
-                return Err(err(Code::FAILED_PRECONDITION, format!("task {} is being checkpointed already", st.id)));
+                return Err(TaskError::precondition(format!("task {} is being checkpointed already", st.id)));
             }
             if let Some(why) = &st.vm_gone {
-                return Err(err(Code::FAILED_PRECONDITION, format!("task {}: the VM is gone ({why})", st.id)));
+                return Err(TaskError::precondition(format!("task {}: the VM is gone ({why})", st.id)));
             }
             st.checkpointing = true;
             *claimed = true;
@@ -888,9 +881,9 @@ impl TaskService {
         };
         let (deadline_s, deadline_from) = checkpoint::effective_deadline(deadline_s, request_deadline);
         let target = PathBuf::from(if opts.image_path.is_empty() { &req.path } else { &opts.image_path });
-        checkpoint::check_target_dir(&target).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        checkpoint::check_target_dir(&target)?;
         // Pinned before the guest writes there: later swaps of the name cannot redirect the host.
-        let staging = Staging::for_checkpoint(&shared, n).map_err(|e| err(Code::INTERNAL, format!("checkpoint of {cid}: staging directory: {e}")))?;
+        let staging = Staging::for_checkpoint(&shared, n).map_err(|e| TaskError::internal(format!("checkpoint of {cid}: staging directory: {e}")))?;
         let work = format!("{GUEST_WORK}/checkpoint-{n}");
         let r = ag::CheckpointContainerRequest {
             container_id: cid.clone(),
@@ -913,7 +906,7 @@ impl TaskService {
         let outcome = match result {
             Err(e) => {
                 staging.remove();
-                Err(err(Code::INTERNAL, format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}")))
+                Err(TaskError::internal(format!("checkpoint of {cid} failed: {e}\nfull CRIU log: {log}")))
             }
             Ok(resp) => {
                 // Blocking file I/O of up to gigabytes: off the async workers.
@@ -927,7 +920,7 @@ impl TaskService {
                 .unwrap_or_else(|e| Err(crate::safefs::SafeFsError::Io { path: String::new(), source: std::io::Error::other(e.to_string()) }));
                 copied
                     .map(|copied| (copied, resp.stats))
-                    .map_err(|e| err(Code::INTERNAL, format!("copying checkpoint images of {cid} from the guest: {e}; CRIU log: {log}")))
+                    .map_err(|e| TaskError::internal(format!("copying checkpoint images of {cid} from the guest: {e}; CRIU log: {log}")))
             }
         };
         match outcome {
@@ -948,7 +941,7 @@ impl TaskService {
                 Ok(Empty::new())
             }
             Err(e) => {
-                checkpoint::empty_host_dir(&Dir::open_host(&target).map_err(|e2| err(Code::INTERNAL, format!("{e:?}; emptying {}: {e2}", target.display())))?);
+                checkpoint::empty_host_dir(&Dir::open_host(&target).map_err(|e2| TaskError::internal(format!("{e:?}; emptying {}: {e2}", target.display())))?);
                 Err(e)
             }
         }
@@ -965,7 +958,7 @@ impl TaskService {
         let st = g.as_mut().ok_or_else(|| self.no_task(id))?;
         let want_from = if pause { PStatus::Running } else { PStatus::Paused };
         if st.init.status != want_from {
-            return Err(err(Code::FAILED_PRECONDITION, format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
+            return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
         }
         let r = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
         if pause {
@@ -1013,25 +1006,25 @@ mod tests {
     fn start_and_delete_checks() {
         assert!(can_start("c", "", PStatus::Created).is_ok());
         for s in [PStatus::Starting, PStatus::Restoring] {
-            assert!(can_start("c", "", s).unwrap_err().contains("already being started"));
-            assert!(can_delete("task c", s).unwrap_err().contains("being started"));
+            assert!(can_start("c", "", s).unwrap_err().to_string().contains("already being started"));
+            assert!(can_delete("task c", s).unwrap_err().to_string().contains("being started"));
         }
         for s in [PStatus::Running, PStatus::Paused, PStatus::Stopped] {
-            assert!(can_start("c", "e", s).unwrap_err().contains("not in the created state"));
+            assert!(can_start("c", "e", s).unwrap_err().to_string().contains("not in the created state"));
         }
         assert!(can_delete("task c", PStatus::Created).is_ok() && can_delete("task c", PStatus::Stopped).is_ok());
-        assert!(can_delete("task c", PStatus::Running).unwrap_err().contains("kill it first"));
+        assert!(can_delete("task c", PStatus::Running).unwrap_err().to_string().contains("kill it first"));
         assert_eq!(status_of(PStatus::Restoring), Status::CREATED);
-        assert!(checkpointable("c", PStatus::Restoring, false).unwrap_err().contains("being started"));
+        assert!(checkpointable("c", PStatus::Restoring, false).unwrap_err().to_string().contains("being started"));
     }
 
     #[test]
     fn only_running_or_paused_tasks_are_checkpointable() {
         assert!(checkpointable("c", PStatus::Running, false).is_ok());
         assert!(checkpointable("c", PStatus::Paused, false).is_ok());
-        let e = checkpointable("c", PStatus::Created, false).unwrap_err();
+        let e = checkpointable("c", PStatus::Created, false).unwrap_err().to_string();
         assert!(e.contains("task c is Created") && e.contains("start it"), "{e}");
-        assert!(checkpointable("c", PStatus::Created, true).unwrap_err().contains("not yet restored"));
-        assert!(checkpointable("c", PStatus::Stopped, false).unwrap_err().contains("task c is Stopped"));
+        assert!(checkpointable("c", PStatus::Created, true).unwrap_err().to_string().contains("not yet restored"));
+        assert!(checkpointable("c", PStatus::Stopped, false).unwrap_err().to_string().contains("task c is Stopped"));
     }
 }
