@@ -267,6 +267,7 @@ impl Containerd {
             .arg("delete")
             .current_dir(bundle)
             .env("KATA_RS_CONFIG", self.dir.join("kata.toml"))
+            .env("TTRPC_ADDRESS", format!("{}.ttrpc", self.address))
             .stdin(Stdio::null())
             .output()
             .expect("running the shim's delete");
