@@ -9,6 +9,7 @@ use agent_client::{agent::*, AgentClient, AgentError};
 use kata_rs_shim::{Config, Sandbox};
 
 pub mod containerd;
+pub mod load;
 
 /// The guest image directory: `$KATA_RS_GUEST_DIR`, else `build/guest/bookworm` of this checkout.
 pub fn guest_dir() -> PathBuf {

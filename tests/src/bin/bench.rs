@@ -69,6 +69,7 @@ async fn main() {
 
     transfer_figures();
     containerd_figures().await;
+    load_figures();
 }
 
 /// Copying 256 MiB of checkpoint images out of a tmpfs (as the shared directory is) to a directory on
@@ -273,4 +274,34 @@ async fn checkpoint_figures(c: &kata_rs_tests::containerd::Containerd) {
             let _ = c.ctr(&["container", "rm", &id]);
         }
     }
+}
+
+/// Load figures (tests/src/load.rs): four containers created, checkpointed and restored at once; 20
+/// checkpoints of one container and 10 checkpoint/restore cycles, with the shim's RSS and descriptors,
+/// containerd's descriptors, host mounts and processes before and after.
+fn load_figures() {
+    use kata_rs_tests::{containerd::Containerd, load};
+    let c = Containerd::start();
+    let f = load::four_at_once(&c, "bq");
+    result("four_at_once_create_s", f.create_s, "s", "4 x ctr run -d at once, until all 4 run (the slowest)");
+    result("four_at_once_checkpoint_s", f.checkpoint_s, "s", "4 x ctr containers checkpoint --task --rw at once (the slowest)");
+    result("four_at_once_restore_s", f.restore_s, "s", "4 x ctr containers restore --live --rw at once (the slowest)");
+    c.run_detached("bl", &[], load::COUNTER);
+    load::wait_count(&c, "bl", 1, Duration::from_secs(300));
+    let print = |what: &str, when: &str, s: load::Snapshot| {
+        result(&format!("{what}_shim_rss_kib[{when}]"), s.shim_rss_kib as f64, "KiB", "");
+        result(&format!("{what}_shim_fds[{when}]"), s.shim_fds as f64, "fds", "");
+        result(&format!("{what}_containerd_fds[{when}]"), s.containerd_fds as f64, "fds", "");
+        result(&format!("{what}_host_mounts[{when}]"), s.mounts as f64, "mounts", "below this containerd's directory");
+        result(&format!("{what}_processes[{when}]"), s.processes as f64, "processes", "shim, QEMU, virtiofsd, vhost-device-vsock");
+    };
+    let (before, after, times) = load::repeated_checkpoints(&c, "bl", 20);
+    print("checkpoints20", "before", before);
+    print("checkpoints20", "after", after);
+    result("checkpoint_small_s", median(times), "s", "median of 20 checkpoints of one small container (shim Checkpoint to a directory)");
+    let (first, last, times) = load::cycles(&c, "bl", 10);
+    print("cycles10", "after_first", first);
+    print("cycles10", "after_last", last);
+    result("checkpoint_restore_cycle_s", median(times), "s", "median of 10: ctr containers checkpoint --task --rw, kill, rm, ctr containers restore --live --rw");
+    c.kill_and_remove("bl");
 }

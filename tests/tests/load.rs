@@ -1,0 +1,43 @@
+//! Load: four containers created, checkpointed and restored at once; 20 checkpoints of one container
+//! and 10 checkpoint/restore cycles with the shim's RSS and descriptors, containerd's descriptors, host
+//! mounts and processes measured at the start and the end: flat.
+use std::time::Duration;
+
+use kata_rs_tests::{
+    containerd::Containerd,
+    load::{self, Snapshot},
+};
+
+fn assert_flat(what: &str, before: Snapshot, after: Snapshot) {
+    eprintln!("{what}: before {before:?}\n{what}: after  {after:?}");
+    assert!(after.shim_fds <= before.shim_fds, "{what}: the shim's descriptors grew from {} to {}", before.shim_fds, after.shim_fds);
+    assert!(after.containerd_fds <= before.containerd_fds + 4, "{what}: containerd's descriptors grew from {} to {}", before.containerd_fds, after.containerd_fds);
+    assert_eq!(after.mounts, before.mounts, "{what}: host mounts");
+    assert_eq!(after.processes, before.processes, "{what}: processes of this containerd's sandboxes");
+    // Memory: the allocator keeps some; a leak of one image copy buffer or a log per checkpoint would
+    // pass 8 MiB over 20 checkpoints.
+    assert!(after.shim_rss_kib < before.shim_rss_kib + 8192, "{what}: the shim's RSS grew from {} to {} KiB", before.shim_rss_kib, after.shim_rss_kib);
+}
+
+#[test]
+fn four_containers_at_once() {
+    let c = Containerd::start();
+    let f = load::four_at_once(&c, "q");
+    eprintln!("four at once: {f:?}");
+    c.assert_clean();
+}
+
+#[test]
+fn many_checkpoints_and_cycles_leak_nothing() {
+    let c = Containerd::start();
+    c.run_detached("l1", &[], load::COUNTER);
+    load::wait_count(&c, "l1", 1, Duration::from_secs(300));
+    let (before, after, times) = load::repeated_checkpoints(&c, "l1", 20);
+    eprintln!("20 checkpoints: {:.1} s in all", times.iter().sum::<f64>());
+    assert_flat("20 checkpoints", before, after);
+    let (first, last, times) = load::cycles(&c, "l1", 10);
+    eprintln!("10 cycles: {times:.1?} s");
+    assert_flat("10 checkpoint/restore cycles (each with a new shim)", first, last);
+    c.kill_and_remove("l1");
+    c.assert_clean();
+}
