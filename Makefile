@@ -30,8 +30,9 @@ unit-test:
 integration-test: guest-image build
 	$(CARGO) test --release -p kata-rs-tests --tests -- --test-threads=1
 
-# Unit tests, then VM, containerd 1.6, checkpoint, hostile-guest and fault end-to-end tests, then the
-# containerd suite again against containerd 1.7 (Debian 13's binaries, unpacked, not installed).
+# Unit tests, then VM, containerd 1.6, checkpoint, hostile-guest, fault, bad-input and load end-to-end
+# tests, then the containerd suite again against containerd 1.7 (Debian 13's binaries, unpacked, not
+# installed).
 # Each suite runs once: a failure fails `make test`.
 test: setup guest-image build
 	$(CARGO) test --release --workspace --lib --bins
@@ -40,6 +41,8 @@ test: setup guest-image build
 	$(CARGO) test --release -p kata-rs-tests --test checkpoint -- --test-threads=1
 	$(CARGO) test --release -p kata-rs-tests --test hostile -- --test-threads=1
 	$(CARGO) test --release -p kata-rs-tests --test faults -- --test-threads=1
+	$(CARGO) test --release -p kata-rs-tests --test badinput -- --test-threads=1
+	$(CARGO) test --release -p kata-rs-tests --test load -- --test-threads=1
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd17.sh) \
 	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 
