@@ -65,8 +65,19 @@ fn at_once(n: usize, f: impl Fn(usize) + Sync) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// The counter's last value. The shell rewrites `/count` (truncate, then write) every second, so a read
+/// may see it empty: read again (for up to 2 s) until it holds a number; 0 when it never does.
 fn count(c: &Containerd, id: &str) -> u64 {
-    std::fs::read_to_string(c.rootfs(id).join("count")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    let start = Instant::now();
+    loop {
+        if let Some(n) = std::fs::read_to_string(c.rootfs(id).join("count")).ok().and_then(|s| s.trim().parse().ok()) {
+            return n;
+        }
+        if start.elapsed() > Duration::from_secs(2) {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits until container `id` counted past `min`.
