@@ -231,22 +231,26 @@ impl Containerd {
         containerd_shim::protos::shim_sync::TaskClient::new(client)
     }
 
+    /// The shim binary with the flags and environment containerd gives it for task `id` in `bundle`;
+    /// the caller adds the action (`start`, `-bundle … delete`).
+    fn shim_command(&self, id: &str, bundle: &Path) -> Command {
+        let containerd = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("/usr/bin/containerd") } else { self.bin_dir.join("containerd") };
+        let mut cmd = Command::new(workspace().join("target/release/containerd-shim-kata-rs-v2"));
+        cmd.args(["-namespace", "default", "-address", &self.address, "-publish-binary"])
+            .arg(&containerd)
+            .args(["-id", id])
+            .current_dir(bundle)
+            .env("KATA_RS_CONFIG", self.dir.join("kata.toml"))
+            .env("TTRPC_ADDRESS", format!("{}.ttrpc", self.address))
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// Starts a kata-rs shim for task `id` on `bundle` as containerd would (`start` in the bundle), for
     /// requests containerd never sends (a bundle without config.json, a restore from a hand-made
     /// directory). Returns its client; [`Containerd::remove_direct_shim`] undoes it.
     pub fn direct_shim(&self, id: &str, bundle: &Path) -> containerd_shim::protos::shim_sync::TaskClient {
-        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
-        let containerd = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("/usr/bin/containerd") } else { self.bin_dir.join("containerd") };
-        let o = Command::new(&shim)
-            .args(["-namespace", "default", "-address", &self.address, "-publish-binary"])
-            .arg(&containerd)
-            .args(["-id", id, "start"])
-            .current_dir(bundle)
-            .env("KATA_RS_CONFIG", self.dir.join("kata.toml"))
-            .env("TTRPC_ADDRESS", format!("{}.ttrpc", self.address))
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the shim's start");
+        let o = self.shim_command(id, bundle).arg("start").output().expect("running the shim's start");
         assert!(o.status.success(), "shim start: {}", String::from_utf8_lossy(&o.stderr));
         let address = String::from_utf8_lossy(&o.stdout).trim().to_string();
         let client = containerd_shim::protos::shim_sync::Client::connect(&address).expect("connecting to the shim");
@@ -257,20 +261,7 @@ impl Containerd {
     pub fn remove_direct_shim(&self, client: &containerd_shim::protos::shim_sync::TaskClient, id: &str, bundle: &Path) {
         use containerd_shim::protos::{api::ShutdownRequest, ttrpc::context};
         let _ = client.shutdown(context::with_timeout(10_000_000_000), &ShutdownRequest { id: id.into(), now: true, ..Default::default() });
-        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
-        let containerd = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("/usr/bin/containerd") } else { self.bin_dir.join("containerd") };
-        let o = Command::new(&shim)
-            .args(["-namespace", "default", "-address", &self.address, "-publish-binary"])
-            .arg(&containerd)
-            .args(["-id", id, "-bundle"])
-            .arg(bundle)
-            .arg("delete")
-            .current_dir(bundle)
-            .env("KATA_RS_CONFIG", self.dir.join("kata.toml"))
-            .env("TTRPC_ADDRESS", format!("{}.ttrpc", self.address))
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the shim's delete");
+        let o = self.shim_command(id, bundle).arg("-bundle").arg(bundle).arg("delete").output().expect("running the shim's delete");
         assert!(o.status.success(), "shim delete: {}", String::from_utf8_lossy(&o.stderr));
     }
 
