@@ -1,15 +1,25 @@
-//! Host mounts of one container: containerd's rootfs mounts on `<bundle>/rootfs`, and a bind mount of
-//! that rootfs into the sandbox's shared directory (made before virtiofsd starts, so it sees it).
-use std::path::{Path, PathBuf};
+//! Host mounts of one container: containerd's rootfs mounts on `<bundle>/rootfs`, a bind mount of
+//! that rootfs into the sandbox's shared directory, and one bind mount per volume (the spec's host
+//! bind mounts) at `<shared>/<id>/volumes/<n>`, read-only where the spec says so. All are made before
+//! virtiofsd starts (so it sees them) and before the guest runs (so nothing on these paths is the
+//! guest's).
+use std::{
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
 
 use containerd_shim::protos::types::mount::Mount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tracing::warn;
 
+use crate::spec::Volume;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("mounting {what} on {target}: {message}")]
     Mount { what: String, target: String, message: String },
+    #[error("volume {destination}: its source {source_path} {reason}")]
+    VolumeSource { destination: String, source_path: String, reason: String },
     #[error("creating {path}: {source}")]
     Dir {
         path: String,
@@ -32,7 +42,7 @@ pub fn shared_rootfs(shared_dir: &Path, id: &str) -> PathBuf {
 }
 
 impl ContainerMounts {
-    pub fn setup(bundle: &Path, rootfs: &[Mount], shared_dir: &Path, id: &str) -> Result<ContainerMounts, MountError> {
+    pub fn setup(bundle: &Path, rootfs: &[Mount], volumes: &[Volume], shared_dir: &Path, id: &str) -> Result<ContainerMounts, MountError> {
         let target = bundle.join("rootfs");
         std::fs::create_dir_all(&target).map_err(|source| MountError::Dir { path: target.display().to_string(), source })?;
         let mut me = ContainerMounts { bundle_rootfs: None, shared_rootfs: shared_rootfs(shared_dir, id) };
@@ -51,6 +61,10 @@ impl ContainerMounts {
             me.teardown();
             return Err(MountError::Mount { what: format!("bind {}", target.display()), target: me.shared_rootfs.display().to_string(), message: e.to_string() });
         }
+        if let Err(e) = bind_volumes(volumes, &shared_dir.join(id).join("volumes")) {
+            me.teardown();
+            return Err(e);
+        }
         Ok(me)
     }
 
@@ -64,6 +78,44 @@ impl ContainerMounts {
             unmount_if_mounted(b);
         }
     }
+}
+
+/// Binds each volume's host source on `dir/<n>` (a directory or an empty file, like the source).
+/// Read-only volumes are remounted read-only on the host as well, so virtiofsd cannot write them
+/// whatever the guest asks. Nothing is unmounted here on failure: the caller drops the whole
+/// shared tmpfs, which takes these mounts with it.
+fn bind_volumes(volumes: &[Volume], dir: &Path) -> Result<(), MountError> {
+    if volumes.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|source| MountError::Dir { path: dir.display().to_string(), source })?;
+    for v in volumes {
+        let bad = |reason: String| MountError::VolumeSource { destination: v.destination.clone(), source_path: v.source.clone(), reason };
+        // The source is the host's (from containerd's spec); following its symlinks is what runc does too.
+        let meta = std::fs::metadata(&v.source).map_err(|e| bad(format!("cannot be used: {e}")))?;
+        let target = dir.join(&v.shared_name);
+        let made = if meta.is_dir() {
+            std::fs::create_dir(&target)
+        } else if meta.is_file() {
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&target).map(drop)
+        } else {
+            return Err(bad("is neither a directory nor a regular file: sockets and devices cannot be shared with a VM".into()));
+        };
+        made.map_err(|source| MountError::Dir { path: target.display().to_string(), source })?;
+        let mut flags = MsFlags::MS_BIND;
+        if v.recursive {
+            flags |= MsFlags::MS_REC;
+        }
+        let what = || format!("bind {}", v.source);
+        mount(Some(v.source.as_str()), &target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| MountError::Mount { what: what(), target: target.display().to_string(), message: e.to_string() })?;
+        if v.readonly {
+            let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            mount(None::<&str>, &target, None::<&str>, ro, None::<&str>)
+                .map_err(|e| MountError::Mount { what: format!("{} read-only", what()), target: target.display().to_string(), message: e.to_string() })?;
+        }
+    }
+    Ok(())
 }
 
 /// Unmounts `p` (all stacked mounts) if something is mounted there.

@@ -7,11 +7,29 @@ pub enum SpecError {
     Invalid(String),
 }
 
+/// A host bind mount of the spec (a volume), served to the guest through the shared filesystem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    /// Host path (from containerd's spec: the user's or the orchestrator's choice, not the guest's).
+    pub source: String,
+    /// Path in the container.
+    pub destination: String,
+    /// Where the guest finds it (below the shared directory); the spec's source now names this.
+    pub guest_source: String,
+    /// Name of its mount point in the container's shared directory (`volumes/<n>`).
+    pub shared_name: String,
+    pub readonly: bool,
+    /// `rbind` (submounts come along) rather than `bind`.
+    pub recursive: bool,
+}
+
 /// What was changed, for the log.
 #[derive(Debug, Default, PartialEq)]
 pub struct Adapted {
     pub spec: Vec<u8>,
-    /// Destinations of host bind mounts that cannot exist in the guest and were dropped.
+    /// Host bind mounts, re-pointed at the shared directory (the host binds each there before boot).
+    pub volumes: Vec<Volume>,
+    /// Destinations of mounts that cannot exist in the guest and were dropped.
     pub dropped_mounts: Vec<String>,
     /// Namespaces whose host path was dropped (the container gets a new one in the guest).
     pub dropped_namespace_paths: Vec<String>,
@@ -20,22 +38,62 @@ pub struct Adapted {
 /// Mount types that are created inside the guest and need no host source.
 const GUEST_MOUNT_TYPES: &[&str] = &["proc", "tmpfs", "devpts", "sysfs", "mqueue", "cgroup", "cgroup2", "shm"];
 
-/// Adapts `config.json` for the guest: hooks (host programs) and the host cgroup path go,
-/// host bind mounts and namespace paths go (reported), root.path is set by the agent.
-pub fn adapt_for_guest(config_json: &[u8]) -> Result<Adapted, SpecError> {
+/// Bind mounts per container: more is a mistake, not a workload.
+pub const MAX_VOLUMES: usize = 256;
+
+fn is_bind(m: &Value) -> bool {
+    let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
+    let opts = m.get("options").and_then(Value::as_array);
+    let has = |o: &str| opts.is_some_and(|a| a.iter().any(|x| x.as_str() == Some(o)));
+    typ == "bind" || ((typ.is_empty() || typ == "none") && (has("bind") || has("rbind")))
+}
+
+/// Adapts `config.json` for the guest: hooks (host programs, run by the shim) and the host cgroup
+/// path go, namespace paths go (reported), root.path is set by the agent. Host bind mounts become
+/// volumes: their source is re-pointed at `<guest_container_dir>/volumes/<n>`, where the host binds
+/// the real source before the VM boots.
+pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<Adapted, SpecError> {
     let mut spec: Value = serde_json::from_slice(config_json).map_err(|e| SpecError::Invalid(e.to_string()))?;
     let obj = spec.as_object_mut().ok_or_else(|| SpecError::Invalid("not a JSON object".into()))?;
     let mut out = Adapted::default();
     obj.remove("hooks");
     if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
-        mounts.retain(|m| {
+        let mut err = None;
+        mounts.retain_mut(|m| {
             let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
-            let keep = GUEST_MOUNT_TYPES.contains(&typ);
-            if !keep {
-                out.dropped_mounts.push(m.get("destination").and_then(Value::as_str).unwrap_or("?").to_string());
+            let dest = m.get("destination").and_then(Value::as_str).unwrap_or("?").to_string();
+            if GUEST_MOUNT_TYPES.contains(&typ) {
+                return true;
             }
-            keep
+            if !is_bind(m) {
+                out.dropped_mounts.push(dest);
+                return false;
+            }
+            let Some(source) = m.get("source").and_then(Value::as_str).filter(|s| s.starts_with('/')) else {
+                err.get_or_insert(SpecError::Invalid(format!("bind mount on {dest}: its source must be an absolute host path")));
+                return false;
+            };
+            if out.volumes.len() == MAX_VOLUMES {
+                err.get_or_insert(SpecError::Invalid(format!("more than {MAX_VOLUMES} bind mounts")));
+                return false;
+            }
+            let opts: Vec<String> = m.get("options").and_then(Value::as_array).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let shared_name = out.volumes.len().to_string();
+            let guest_source = format!("{guest_container_dir}/volumes/{shared_name}");
+            out.volumes.push(Volume {
+                source: source.to_string(),
+                destination: dest,
+                guest_source: guest_source.clone(),
+                shared_name,
+                readonly: opts.iter().any(|o| o == "ro"),
+                recursive: opts.iter().any(|o| o == "rbind"),
+            });
+            m["source"] = Value::String(guest_source);
+            true
         });
+        if let Some(e) = err {
+            return Err(e);
+        }
     }
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("cgroupsPath");
@@ -66,7 +124,9 @@ mod tests {
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/etc/resolv.conf", "type": "bind", "source": "/var/lib/x/resolv.conf", "options": ["rbind"]},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/mnt/nfs", "type": "nfs", "source": "server:/export"},
+                {"destination": "/data", "source": "/srv/data", "options": ["rbind", "ro", "nosuid"]}
             ],
             "linux": {
                 "cgroupsPath": "/default/c1",
@@ -75,32 +135,77 @@ mod tests {
         })
     }
 
+    const DIR: &str = "/run/kata-rs/shared/c1";
+
     #[test]
     fn host_only_parts_are_removed_and_reported() {
-        let a = adapt_for_guest(&serde_json::to_vec(&sample()).unwrap()).unwrap();
+        let a = adapt_for_guest(&serde_json::to_vec(&sample()).unwrap(), DIR).unwrap();
         let v: Value = serde_json::from_slice(&a.spec).unwrap();
         assert!(v.get("hooks").is_none());
         assert!(v["linux"].get("cgroupsPath").is_none());
         let dests: Vec<&str> = v["mounts"].as_array().unwrap().iter().map(|m| m["destination"].as_str().unwrap()).collect();
-        assert_eq!(dests, ["/proc", "/dev"]);
-        assert_eq!(a.dropped_mounts, ["/etc/resolv.conf"]);
+        assert_eq!(dests, ["/proc", "/etc/resolv.conf", "/dev", "/data"]);
+        assert_eq!(a.dropped_mounts, ["/mnt/nfs"]);
         assert_eq!(a.dropped_namespace_paths, ["network"]);
         assert_eq!(v["linux"]["namespaces"][1], serde_json::json!({"type": "network"}));
         assert_eq!(v["process"]["args"][0], "sh");
     }
 
     #[test]
+    fn bind_mounts_become_volumes_in_the_shared_directory() {
+        let a = adapt_for_guest(&serde_json::to_vec(&sample()).unwrap(), DIR).unwrap();
+        let v: Value = serde_json::from_slice(&a.spec).unwrap();
+        assert_eq!(
+            a.volumes,
+            [
+                Volume {
+                    source: "/var/lib/x/resolv.conf".into(),
+                    destination: "/etc/resolv.conf".into(),
+                    guest_source: format!("{DIR}/volumes/0"),
+                    shared_name: "0".into(),
+                    readonly: false,
+                    recursive: true,
+                },
+                Volume {
+                    source: "/srv/data".into(),
+                    destination: "/data".into(),
+                    guest_source: format!("{DIR}/volumes/1"),
+                    shared_name: "1".into(),
+                    readonly: true,
+                    recursive: true,
+                },
+            ]
+        );
+        assert_eq!(v["mounts"][1]["source"], format!("{DIR}/volumes/0"));
+        assert_eq!(v["mounts"][3]["source"], format!("{DIR}/volumes/1"));
+        assert_eq!(v["mounts"][3]["options"], serde_json::json!(["rbind", "ro", "nosuid"]), "runc in the guest applies the options");
+    }
+
+    #[test]
+    fn a_bind_mount_needs_an_absolute_source_and_their_number_is_bounded() {
+        let mut s = sample();
+        s["mounts"][1]["source"] = Value::String("relative/x".into());
+        let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap_err();
+        assert!(e.to_string().contains("/etc/resolv.conf"), "{e}");
+        let mut s = sample();
+        let many: Vec<Value> = (0..=MAX_VOLUMES).map(|i| serde_json::json!({"destination": format!("/v{i}"), "type": "bind", "source": "/srv"})).collect();
+        s["mounts"] = Value::Array(many);
+        let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+    }
+
+    #[test]
     fn terminal_is_kept() {
         let mut s = sample();
         s["process"]["terminal"] = Value::Bool(true);
-        let a = adapt_for_guest(&serde_json::to_vec(&s).unwrap()).unwrap();
+        let a = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap();
         let v: Value = serde_json::from_slice(&a.spec).unwrap();
         assert_eq!(v["process"]["terminal"], Value::Bool(true));
     }
 
     #[test]
     fn garbage_is_invalid() {
-        assert!(matches!(adapt_for_guest(b"[1,2"), Err(SpecError::Invalid(_))));
-        assert!(matches!(adapt_for_guest(b"[1,2]"), Err(SpecError::Invalid(_))));
+        assert!(matches!(adapt_for_guest(b"[1,2", DIR), Err(SpecError::Invalid(_))));
+        assert!(matches!(adapt_for_guest(b"[1,2]", DIR), Err(SpecError::Invalid(_))));
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     checkpoint::{self, Staging, CHECKPOINT_DIR, RESTORE_DIR},
     config::Config,
     error::TaskError,
-    mounts,
+    hooks, mounts,
     safefs::Dir,
     sandbox::Sandbox,
     spec, stdio,
@@ -140,6 +140,16 @@ struct TaskState {
     /// Why the VM is gone, once it is (the watcher saw QEMU exit, a panic, a shutdown or a reset).
     vm_gone: Option<String>,
     guest_mem_mib: u64,
+    /// The spec's OCI hooks (run on the host), and the spec parts their state needs.
+    hooks: hooks::Hooks,
+    hook_spec: serde_json::Value,
+}
+
+impl TaskState {
+    fn hook_state(&self, status: &str) -> Vec<u8> {
+        let pid = if status == "stopped" { 0 } else { self.host_pid };
+        hooks::state_json(&self.hook_spec, &self.id, status, pid, &self.bundle.display().to_string())
+    }
 }
 
 impl TaskState {
@@ -280,15 +290,27 @@ impl TaskService {
                 .map_err(|e| TaskError::internal(format!("{}: {e}", bundle.display())))?;
         }
         let raw = std::fs::read(bundle.join("config.json")).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
-        let adapted = spec::adapt_for_guest(&raw).map_err(|e| TaskError::invalid(e.to_string()))?;
+        let adapted = spec::adapt_for_guest(&raw, &format!("{GUEST_SHARED}/{}", req.id)).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
         let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
         let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s)?;
+        let hooks = hooks::Hooks::from_spec(&spec_json).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
+        if !hooks.not_run.is_empty() {
+            warn!(hooks = ?hooks.not_run, "these hooks would run in the container's namespaces, which are in the VM: not run");
+        }
+        let hook_spec = serde_json::json!({"ociVersion": spec_json.get("ociVersion"), "annotations": spec_json.get("annotations")});
         if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
             warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
         }
         let prepared = Sandbox::prepare(&config, &req.id).map_err(|e| TaskError::internal(e.to_string()))?;
-        let mounts = match mounts::ContainerMounts::setup(&bundle, &req.rootfs, &prepared.shared_dir, &req.id) {
+        if !adapted.volumes.is_empty() {
+            info!(volumes = ?adapted.volumes.iter().map(|v| (&v.source, &v.destination, v.readonly)).collect::<Vec<_>>(), "volumes (host bind mounts) shared with the VM");
+        }
+        let mounts = match mounts::ContainerMounts::setup(&bundle, &req.rootfs, &adapted.volumes, &prepared.shared_dir, &req.id) {
             Ok(m) => m,
+            Err(e @ mounts::MountError::VolumeSource { .. }) => {
+                prepared.discard();
+                return Err(TaskError::invalid(e.to_string()));
+            }
             Err(e) => {
                 prepared.discard();
                 return Err(TaskError::internal(e.to_string()));
@@ -329,6 +351,15 @@ impl TaskService {
                 }
             }
         }
+        // createRuntime, then prestart: the VM runs (their state's pid is QEMU's), the container is not
+        // created yet.
+        let state = hooks::state_json(&hook_spec, &req.id, "creating", sandbox.vm.qemu_pid(), &req.bundle);
+        for (point, list) in [("createRuntime", &hooks.create_runtime), ("prestart", &hooks.prestart)] {
+            if let Err(e) = hooks::run_all(point, list, &state).await {
+                sandbox.stop(Some(&mounts)).await;
+                return Err(TaskError::precondition(e.to_string()));
+            }
+        }
         let creq = ag::CreateContainerRequest {
             container_id: req.id.clone(),
             oci_spec: adapted.spec,
@@ -366,6 +397,8 @@ impl TaskService {
             checkpointing: false,
             vm_gone: None,
             guest_mem_mib: config.hypervisor.memory_mib as u64,
+            hooks,
+            hook_spec,
         })
     }
 
@@ -515,7 +548,11 @@ impl Task for TaskService {
         if !req.exec_id.is_empty() {
             p.start_io(&agent, &cid, &req.exec_id);
         }
+        let poststart = (req.exec_id.is_empty() && !st.hooks.poststart.is_empty()).then(|| (st.hooks.poststart.clone(), st.hook_state("running")));
         drop(g);
+        if let Some((list, state)) = poststart {
+            hooks::run_all_warn("poststart", &list, &state).await;
+        }
         info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
         let pid = host_pid;
         self.spawn_waiter(agent, cid.clone(), req.exec_id.clone());
@@ -691,9 +728,13 @@ impl Task for TaskService {
         let pid = st.host_pid;
         TaskService::teardown(st).await;
         let cid = st.id.clone();
+        let poststop = (!st.hooks.poststop.is_empty()).then(|| (st.hooks.poststop.clone(), st.hook_state("stopped")));
         *g = None;
         drop(g);
         info!(id = %cid, "deleted; VM stopped");
+        if let Some((list, state)) = poststop {
+            hooks::run_all_warn("poststop", &list, &state).await;
+        }
         self.publish(
             TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete { container_id: cid.clone(), pid, exit_status: code, exited_at: Some(ts.clone()).into(), id: cid, ..Default::default() }),

@@ -1,0 +1,183 @@
+//! What real workloads need, through containerd and a real VM: volumes (the spec's host bind mounts:
+//! they reach the container through the shared filesystem, read-only ones refuse writes on the host
+//! side too, and a checkpoint/restore in a new VM keeps the mount and the data) and OCI hooks (run on
+//! the host, in the spec's order, with QEMU's pid in their state).
+use std::time::Duration;
+
+use containerd_shim::protos::{
+    api::{CreateTaskRequest, DeleteRequest, KillRequest, StartRequest, WaitRequest},
+    ttrpc::context,
+};
+use kata_rs_tests::{containerd::*, processes_mentioning, read_counter, wait_counter, wait_file};
+
+const T: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_shared_read_only_where_asked_and_survive_checkpoint_restore() {
+    let c = Containerd::start();
+    let vol = c.dir.join("vol");
+    let ro = c.dir.join("ro-vol");
+    let file = c.dir.join("motd");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("ro.txt"), "from the host\n").unwrap();
+    std::fs::write(&file, "a single host file\n").unwrap();
+    let m = |src: &std::path::Path, dst: &str, opts: &str| format!("type=bind,src={},dst={dst},options={opts}", src.display());
+    let (m1, m2, m3) = (m(&vol, "/data", "rbind:rw"), m(&ro, "/ro", "rbind:ro"), m(&file, "/motd", "bind:ro"));
+    let script = "cat /motd > /data/motd-seen; cat /ro/ro.txt > /data/ro-seen; \
+                  if (echo x > /ro/new) 2>/data/ro-err; then echo wrote > /data/ro-result; else echo refused > /data/ro-result; fi; \
+                  i=0; while :; do i=$((i+1)); echo $i > /data/count; sleep 0.1; done";
+    c.run_detached("v1", &["--mount", &m1, "--mount", &m2, "--mount", &m3], &["sh", "-c", script]);
+    let count = vol.join("count");
+    wait_counter(&count, 5, T).await;
+
+    // Writes of the container are on the host; what the host wrote is read by the container.
+    assert_eq!(std::fs::read_to_string(vol.join("motd-seen")).unwrap(), "a single host file\n");
+    assert_eq!(std::fs::read_to_string(vol.join("ro-seen")).unwrap(), "from the host\n");
+    assert_eq!(wait_file(&vol.join("ro-result"), T, |s| !s.is_empty()).await, "refused\n", "a read-only volume refuses writes");
+    let err = std::fs::read_to_string(vol.join("ro-err")).unwrap();
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!ro.join("new").exists(), "nothing was written to the read-only volume");
+    std::fs::write(vol.join("from-host"), "written on the host\n").unwrap();
+    assert_eq!(c.ctr_ok(&["task", "exec", "--exec-id", "r1", "v1", "cat", "/data/from-host"]), "written on the host\n");
+    // The read-only bind is read-only on the host side as well: virtiofsd cannot write it whatever
+    // the guest asks (the guest's own mount options are the guest's to change).
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let kr = c.dir.join("kr").display().to_string();
+    let ro_binds: Vec<&str> = host_mounts.lines().filter(|l| l.contains(&kr) && l.contains("/volumes/")).collect();
+    assert_eq!(ro_binds.len(), 3, "one host bind per volume in the shared directory: {ro_binds:#?}");
+    assert_eq!(ro_binds.iter().filter(|l| l.split_whitespace().nth(5).is_some_and(|o| o.split(',').any(|x| x == "ro"))).count(), 2, "{ro_binds:#?}");
+
+    // Checkpoint, remove, restore in a new VM: the counter goes on in the same volume.
+    c.ctr_ok(&["containers", "checkpoint", "--task", "--image", "v1", "kata-rs-test/vol:1"]);
+    c.kill_and_remove("v1");
+    let at_removal = read_counter(&count);
+    c.ctr_ok(&["containers", "restore", "--live", "v2", "kata-rs-test/vol:1"]);
+    assert_eq!(c.task_status("v2").as_deref(), Some("RUNNING"));
+    let after = wait_counter(&count, at_removal + 5, T).await;
+    assert!(after < at_removal + 1000, "restored from memory, the counter went on from {at_removal}: {after}");
+    let mounts = c.ctr_ok(&["task", "exec", "--exec-id", "r2", "v2", "cat", "/proc/mounts"]);
+    for dst in ["/data", "/ro", "/motd"] {
+        assert!(mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(dst)), "{dst} is mounted in the restored container:\n{mounts}");
+    }
+    assert_eq!(c.ctr_ok(&["task", "exec", "--exec-id", "r3", "v2", "cat", "/motd"]), "a single host file\n");
+    let o = c.ctr(&["task", "exec", "--exec-id", "r4", "v2", "sh", "-c", "echo y > /ro/new2"]);
+    assert!(!o.status.success() && !ro.join("new2").exists(), "the restored read-only volume refuses writes");
+    c.kill_and_remove("v2");
+    c.ctr_ok(&["images", "rm", "--sync", "kata-rs-test/vol:1"]);
+    c.assert_clean();
+    // Removing the containers removed nothing of the volumes.
+    assert!(read_counter(&count) >= after);
+    assert_eq!(std::fs::read_to_string(ro.join("ro.txt")).unwrap(), "from the host\n");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "a single host file\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_whose_source_is_missing_or_a_socket_is_a_clear_error() {
+    let c = Containerd::start();
+    let missing = c.dir.join("no-such-dir");
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--mount", &format!("type=bind,src={},dst=/data,options=rbind", missing.display()), IMAGE, "m1", "true"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("volume /data") && e.contains("no-such-dir"), "{e}");
+    let sock_path = c.dir.join("s.sock");
+    let _sock = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--mount", &format!("type=bind,src={},dst=/s.sock,options=bind", sock_path.display()), IMAGE, "m2", "true"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("neither a directory nor a regular file"), "{e}");
+    for id in ["m1", "m2"] {
+        let _ = c.ctr(&["container", "rm", id]);
+    }
+    c.assert_clean();
+}
+
+const HOOK: &str = r#"#!/bin/sh
+set -e
+cat > "$REC/$1.json"
+pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$REC/$1.json")
+started=no; [ -e "$2/started" ] && started=yes
+exe=none; [ -n "$pid" ] && exe=$(tr '\0' ' ' < /proc/$pid/cmdline | cut -c1-60)
+echo "$1 started=$started env=${KATA_RS_HOOK_ENV:-unset} exe=$exe" >> "$REC/order"
+"#;
+
+/// A bundle for a direct shim: the busybox test rootfs and a spec running `args`, with `hooks`.
+fn hooked_bundle(c: &Containerd, id: &str, args: &[&str], hooks: serde_json::Value) -> std::path::PathBuf {
+    let bundle = c.dir.join("bundles").join(id);
+    std::fs::create_dir_all(&bundle).unwrap();
+    let st = std::process::Command::new("cp").arg("-a").arg(kata_rs_tests::guest_dir().join("test-rootfs")).arg(bundle.join("rootfs")).status().unwrap();
+    assert!(st.success());
+    let mut spec: serde_json::Value = serde_json::from_slice(&kata_rs_tests::oci_spec(args)).unwrap();
+    spec["hooks"] = hooks;
+    spec["annotations"] = serde_json::json!({"io.kata-rs.test": "hooks"});
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+    bundle
+}
+
+fn json_file(p: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_hooks_run_on_the_host_in_order_with_qemus_pid() {
+    let c = Containerd::start();
+    let rec = c.dir.join("hook-records");
+    std::fs::create_dir_all(&rec).unwrap();
+    // Each hook saves its state, notes its point in `order`, whether the container had started (it
+    // writes /started in its rootfs) and what runs under the state's pid.
+    let hook = c.dir.join("hook.sh");
+    std::fs::write(&hook, HOOK).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let id = "h1";
+    let rootfs_probe = c.dir.join("bundles").join(id).join("rootfs");
+    let h = |point: &str| serde_json::json!([{"path": hook, "args": ["hook.sh", point, rootfs_probe], "env": ["KATA_RS_HOOK_ENV=given", format!("REC={}", rec.display()), "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "timeout": 60}]);
+    let bundle = hooked_bundle(
+        &c,
+        id,
+        &["sh", "-c", "touch /started; sleep 1000"],
+        serde_json::json!({"createRuntime": h("createRuntime"), "prestart": h("prestart"), "poststart": h("poststart"), "poststop": h("poststop")}),
+    );
+    let shim = c.direct_shim(id, &bundle);
+    let ctx = || context::with_timeout(300_000_000_000);
+    let created = shim.create(ctx(), &CreateTaskRequest { id: id.into(), bundle: bundle.display().to_string(), ..Default::default() }).expect("create");
+    let qemu = created.pid;
+    assert!(std::fs::read_to_string(format!("/proc/{qemu}/cmdline")).unwrap().contains("qemu-system"), "the task pid is QEMU's");
+    shim.start(ctx(), &StartRequest { id: id.into(), ..Default::default() }).expect("start");
+    wait_file(&rec.join("order"), T, |s| s.contains("poststart")).await;
+    wait_file(&bundle.join("rootfs/started"), T, |_| true).await;
+    shim.kill(ctx(), &KillRequest { id: id.into(), signal: 9, ..Default::default() }).expect("kill");
+    shim.wait(ctx(), &WaitRequest { id: id.into(), ..Default::default() }).expect("wait");
+    shim.delete(ctx(), &DeleteRequest { id: id.into(), ..Default::default() }).expect("delete");
+    let order = std::fs::read_to_string(rec.join("order")).unwrap();
+    let lines: Vec<&str> = order.lines().collect();
+    assert_eq!(lines.len(), 4, "{order}");
+    assert!(lines[0].starts_with("createRuntime started=no env=given exe=") && lines[0].contains("qemu-system"), "{order}");
+    assert!(lines[1].starts_with("prestart started=no env=given exe=") && lines[1].contains("qemu-system"), "{order}");
+    assert!(lines[2].starts_with("poststart ") && lines[2].contains("qemu-system"), "{order}");
+    assert!(lines[3].starts_with("poststop ") && lines[3].ends_with("exe=none"), "poststop's state has no pid: {order}");
+    for (point, status) in [("createRuntime", "creating"), ("prestart", "creating"), ("poststart", "running"), ("poststop", "stopped")] {
+        let s = json_file(&rec.join(format!("{point}.json")));
+        assert_eq!(s["id"], id);
+        assert_eq!(s["status"], status, "{point}: {s}");
+        assert_eq!(s["bundle"], bundle.display().to_string());
+        assert_eq!(s["annotations"]["io.kata-rs.test"], "hooks");
+        if status != "stopped" {
+            assert_eq!(s["pid"], qemu, "{point}: {s}");
+        }
+    }
+    c.remove_direct_shim(&shim, id, &bundle);
+    let sandbox_dir = c.dir.join("kr").join(id).display().to_string();
+    assert!(processes_mentioning(&sandbox_dir).is_empty(), "{:?}", processes_mentioning(&sandbox_dir));
+
+    // A failing prestart hook fails the create with its output, and leaves no VM.
+    let id = "h2";
+    let failing = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", "echo no network for you >&2; exit 7"]}]);
+    let bundle = hooked_bundle(&c, id, &["true"], serde_json::json!({"prestart": failing}));
+    let shim = c.direct_shim(id, &bundle);
+    let e = shim.create(ctx(), &CreateTaskRequest { id: id.into(), bundle: bundle.display().to_string(), ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("prestart hook /bin/sh") && e.contains("exit status: 7") && e.contains("no network for you"), "{e}");
+    c.remove_direct_shim(&shim, id, &bundle);
+    let sandbox_dir = c.dir.join("kr").join(id).display().to_string();
+    assert!(processes_mentioning(&sandbox_dir).is_empty(), "no VM is left after a failed hook: {:?}", processes_mentioning(&sandbox_dir));
+    c.assert_clean();
+}
