@@ -105,11 +105,17 @@ impl Containerd {
         std::fs::write(
             dir.join("kata.toml"),
             format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\nvcpus = {}\n{hypervisor_extra}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
-                g.join("vmlinuz").display(),
-                g.join("initramfs.cpio.gz").display(),
+                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = {}\nvcpus = {}\ntcg_thread = \"{}\"\n{}{hypervisor_extra}\n[runtime]\nroot = \"{}\"\nlog_level = \"debug\"\n",
+                g.join("vmlinux").display(),
+                g.join("initramfs.cpio").display(),
                 kata.hypervisor.memory_mib,
                 kata.hypervisor.vcpus,
+                kata.hypervisor.tcg_thread,
+                if kata.hypervisor.kernel_params.is_empty() || hypervisor_extra.contains("kernel_params") {
+                    String::new()
+                } else {
+                    format!("kernel_params = {:?}\n", kata.hypervisor.kernel_params)
+                },
                 kata.runtime.root.display()
             ),
         )

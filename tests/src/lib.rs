@@ -17,7 +17,7 @@ pub fn guest_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest/bookworm"));
     assert!(
-        d.join("vmlinuz").is_file() && d.join("initramfs.cpio.gz").is_file(),
+        d.join("vmlinux").is_file() && d.join("initramfs.cpio").is_file(),
         "no guest image in {}: run 'make guest-image' (or 'make test', which builds it)",
         d.display()
     );
@@ -28,12 +28,22 @@ pub fn guest_dir() -> PathBuf {
 pub fn test_config() -> Config {
     let g = guest_dir();
     let mut c = Config::default();
-    c.hypervisor.kernel = g.join("vmlinuz");
-    c.hypervisor.initrd = g.join("initramfs.cpio.gz");
+    c.hypervisor.kernel = g.join("vmlinux");
+    c.hypervisor.initrd = g.join("initramfs.cpio");
     c.hypervisor.memory_mib = 1024;
     // One vCPU: with two vCPUs under TCG the guest kernel was seen soft-locked on both CPUs during
     // `runc create` and a CRIU restore (docs/architecture.md, known limits).
     c.hypervisor.vcpus = 1;
+    // Experiments only (`make lockup-ab`): other vCPU counts, TCG threading and guest kernel parameters.
+    if let Some(n) = std::env::var("KATA_RS_TEST_VCPUS").ok().and_then(|v| v.parse().ok()) {
+        c.hypervisor.vcpus = n;
+    }
+    if let Ok(t) = std::env::var("KATA_RS_TEST_TCG_THREAD") {
+        c.hypervisor.tcg_thread = t;
+    }
+    if let Ok(p) = std::env::var("KATA_RS_TEST_KERNEL_PARAMS") {
+        c.hypervisor.kernel_params = p;
+    }
     c.runtime.root = PathBuf::from("/run/kata-rs-test");
     if let Ok(level) = std::env::var("KATA_RS_AGENT_LOG") {
         c.agent.log_level = level;

@@ -81,7 +81,7 @@ impl QemuArgs<'_> {
         push(&["-machine", &c.machine]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm"]),
-            Accel::Tcg => push(&["-accel", "tcg,thread=multi"]),
+            Accel::Tcg => push(&["-accel", &format!("tcg,thread={}", c.tcg_thread)]),
         }
         push(&["-cpu", self.cpu_model()]);
         push(&["-smp", &c.vcpus.to_string()]);
@@ -165,6 +165,9 @@ mod tests {
         let c = VmConfig { seccomp_sandbox: false, ..c };
         let v = args(&c, Accel::Tcg, VsockDevice::VhostUser { socket: "/run/k/vhu.sock".into() }).build();
         assert!(!v.iter().any(|x| x == "-sandbox"));
+        let single = VmConfig { tcg_thread: "single".into(), ..c.clone() };
+        let vs = args(&single, Accel::Tcg, VsockDevice::VhostUser { socket: "/run/k/vhu.sock".into() }).build();
+        assert!(has_pair(&vs, "-accel", "tcg,thread=single"));
         let append = &v[v.iter().position(|x| x == "-append").unwrap() + 1];
         assert!(append.contains("kata_rs.shared_fs=virtiofs"));
         assert!(append.ends_with("kata_rs.log=debug"));

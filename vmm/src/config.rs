@@ -50,7 +50,7 @@ pub enum VsockSetting {
 pub struct VmConfig {
     /// QEMU binary; a bare name is looked up on PATH.
     pub qemu_path: PathBuf,
-    /// Guest kernel (vmlinuz) and initramfs built by `make guest-image`.
+    /// Guest kernel (vmlinux) and initramfs built by `make guest-image`.
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// Guest memory in MiB.
@@ -61,6 +61,9 @@ pub struct VmConfig {
     /// `-cpu` model; empty = `host` under KVM, `max` under TCG.
     pub cpu_model: String,
     pub accel: AccelSetting,
+    /// TCG only: "multi" (one host thread per vCPU, QEMU's default) or "single" (all vCPUs take turns
+    /// on one host thread). Ignored under KVM.
+    pub tcg_thread: String,
     /// Extra guest kernel parameters.
     pub kernel_params: String,
     pub shared_fs: SharedFs,
@@ -90,13 +93,14 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             qemu_path: "qemu-system-x86_64".into(),
-            kernel: "/usr/share/kata-rs/vmlinuz".into(),
-            initrd: "/usr/share/kata-rs/initramfs.cpio.gz".into(),
+            kernel: "/usr/share/kata-rs/vmlinux".into(),
+            initrd: "/usr/share/kata-rs/initramfs.cpio".into(),
             memory_mib: 2048,
             vcpus: 2,
             machine: "q35".into(),
             cpu_model: String::new(),
             accel: AccelSetting::Auto,
+            tcg_thread: "multi".into(),
             kernel_params: String::new(),
             shared_fs: SharedFs::VirtioFs,
             virtiofsd_path: "/usr/lib/qemu/virtiofsd".into(),
@@ -131,6 +135,9 @@ impl VmConfig {
         }
         if !matches!(self.virtiofs_cache.as_str(), "auto" | "always" | "none") {
             return bad("virtiofs_cache", format!("{:?} is not one of auto, always, none", self.virtiofs_cache));
+        }
+        if !matches!(self.tcg_thread.as_str(), "multi" | "single") {
+            return bad("tcg_thread", format!("{:?} is not one of multi, single", self.tcg_thread));
         }
         if self.msize_9p < 4096 {
             return bad("msize_9p", format!("{} is below 4096", self.msize_9p));
@@ -168,6 +175,13 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         VmConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_unknown_tcg_thread() {
+        let c = VmConfig { tcg_thread: "many".into(), ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("tcg_thread"));
+        VmConfig { tcg_thread: "single".into(), ..Default::default() }.validate().unwrap();
     }
 
     #[test]
