@@ -5,6 +5,6 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 guest=${KATA_RS_GUEST_DIR:-$top/build/guest/bookworm}
 out=$top/build/configuration.toml
-sed -e "s|^kernel = .*|kernel = \"$guest/vmlinuz\"|" -e "s|^initrd = .*|initrd = \"$guest/initramfs.cpio.gz\"|" \
+sed -e "s|^kernel = .*|kernel = \"$guest/vmlinux\"|" -e "s|^initrd = .*|initrd = \"$guest/initramfs.cpio\"|" \
   "$top/configs/configuration.toml" > "$out"
 KATA_RS_CONFIG=$out exec "$@"

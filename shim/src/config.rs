@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn relative_image_paths_follow_the_file() {
-        let c = Config::parse("[hypervisor]\nkernel = \"k/vmlinuz\"\n", Path::new("/etc/kata-rs/configuration.toml")).unwrap();
-        assert_eq!(c.hypervisor.kernel, Path::new("/etc/kata-rs/k/vmlinuz"));
+        let c = Config::parse("[hypervisor]\nkernel = \"k/vmlinux\"\n", Path::new("/etc/kata-rs/configuration.toml")).unwrap();
+        assert_eq!(c.hypervisor.kernel, Path::new("/etc/kata-rs/k/vmlinux"));
     }
 }

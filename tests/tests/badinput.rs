@@ -47,12 +47,12 @@ async fn bad_configuration_files_are_named() {
     run_with_config_fails(&c, "b2", &p, &[p.to_str().unwrap()]);
     let p = write("badvalue.toml", &good.replace("[runtime]\n", "[runtime]\ncheckpoint_deadline_s = \"soon\"\n"));
     run_with_config_fails(&c, "b3", &p, &["checkpoint_deadline_s", p.to_str().unwrap()]);
-    let kernel = guest_dir().join("vmlinuz").display().to_string();
-    let p = write("nokernel.toml", &good.replace(&kernel, "/nonexistent/vmlinuz"));
-    run_with_config_fails(&c, "b4", &p, &["/nonexistent/vmlinuz"]);
-    let initrd = guest_dir().join("initramfs.cpio.gz").display().to_string();
-    let p = write("noinitrd.toml", &good.replace(&initrd, "/nonexistent/initramfs.cpio.gz"));
-    run_with_config_fails(&c, "b5", &p, &["/nonexistent/initramfs.cpio.gz"]);
+    let kernel = guest_dir().join("vmlinux").display().to_string();
+    let p = write("nokernel.toml", &good.replace(&kernel, "/nonexistent/vmlinux"));
+    run_with_config_fails(&c, "b4", &p, &["/nonexistent/vmlinux"]);
+    let initrd = guest_dir().join("initramfs.cpio").display().to_string();
+    let p = write("noinitrd.toml", &good.replace(&initrd, "/nonexistent/initramfs.cpio"));
+    run_with_config_fails(&c, "b5", &p, &["/nonexistent/initramfs.cpio"]);
     let missing = c.dir.join("no-such-config.toml");
     run_with_config_fails(&c, "b6", &missing, &[missing.to_str().unwrap()]);
 }

@@ -170,8 +170,8 @@ async fn bad_requests_get_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_kernel_is_a_one_line_error_naming_the_file() {
     let mut c = test_config();
-    c.hypervisor.kernel = "/nonexistent/vmlinuz".into();
+    c.hypervisor.kernel = "/nonexistent/vmlinux".into();
     let e = kata_rs_shim::Sandbox::start(&c, &unique_id("nokernel")).await.err().expect("must fail").to_string();
-    assert!(e.contains("/nonexistent/vmlinuz") && e.contains("make guest-image"), "{e}");
+    assert!(e.contains("/nonexistent/vmlinux") && e.contains("make guest-image"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
 }
