@@ -37,6 +37,9 @@ struct Seen {
     soft_lockups: Vec<String>,
     rcu_stalls: Vec<String>,
     clocksources: BTreeMap<String, u32>,
+    /// Proof that the consoles were read: bytes, and guests whose agent said it was ready.
+    bytes: u64,
+    agents_ready: u32,
 }
 
 /// Follows every console log below `root` (new sandboxes appear as the load runs) until `stop`.
@@ -66,8 +69,12 @@ fn follow_consoles(root: PathBuf, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>)
             };
             partial.insert(log.clone(), rest);
             let mut s = seen.lock().unwrap();
+            s.bytes += n as u64;
             let vm = entry.file_name().to_string_lossy().to_string();
             for line in complete.lines() {
+                if line.contains(kata_rs_shim::sandbox::AGENT_READY_MARKER) {
+                    s.agents_ready += 1;
+                }
                 if line.contains("soft lockup") {
                     s.soft_lockups.push(format!("{vm}: {}", line.trim()));
                 } else if line.contains("rcu_sched self-detected stall") || line.contains("rcu: INFO: rcu_") {
@@ -87,7 +94,9 @@ fn follow_consoles(root: PathBuf, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>)
 fn run_variant(v: &Variant, rounds: usize) {
     std::env::set_var("KATA_RS_TEST_VCPUS", v.vcpus.to_string());
     std::env::set_var("KATA_RS_TEST_TCG_THREAD", v.tcg_thread);
-    std::env::set_var("KATA_RS_TEST_KERNEL_PARAMS", v.kernel_params);
+    // The shim boots guests with `quiet loglevel=3`: soft lockups (pr_emerg) print at that level, RCU
+    // stalls (pr_err) and the clocksource switch (pr_info) do not; loglevel=7 shows all three.
+    std::env::set_var("KATA_RS_TEST_KERNEL_PARAMS", format!("loglevel=7 {}", v.kernel_params));
     let c = Containerd::start();
     let root = c.dir.join("kr");
     let stop = Arc::new(AtomicBool::new(false));
@@ -125,6 +134,8 @@ fn run_variant(v: &Variant, rounds: usize) {
     for f in &times {
         println!("RESULT lockup_ab_four_at_once_s[{n}]={:.1}/{:.1}/{:.1} s  # create/checkpoint/restore", f.create_s, f.checkpoint_s, f.restore_s);
     }
+    println!("RESULT lockup_ab_console_bytes[{n}]={} bytes  # read from the guests' consoles", s.bytes);
+    println!("RESULT lockup_ab_agents_ready[{n}]={} count  # guests whose agent reported ready on the console", s.agents_ready);
     println!("NOTE {n}: clocksources {:?}", s.clocksources);
     for l in s.soft_lockups.iter().chain(s.rcu_stalls.iter()).take(12) {
         println!("NOTE {n}: {l}");
