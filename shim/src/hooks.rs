@@ -155,22 +155,8 @@ async fn run_one(point: &'static str, h: &Hook, state: &[u8]) -> Result<(), Hook
     let mut child = cmd.spawn().map_err(|e| fail(format!("cannot be started: {e}")))?;
     let pid = child.id().unwrap_or(0);
     let mut stdin = child.stdin.take().expect("piped");
-    let read = |r: Option<tokio::process::ChildStdout>| async move {
-        let mut v = Vec::new();
-        if let Some(r) = r {
-            let _ = r.take(OUTPUT_LIMIT).read_to_end(&mut v).await;
-        }
-        v
-    };
-    let read_err = |r: Option<tokio::process::ChildStderr>| async move {
-        let mut v = Vec::new();
-        if let Some(r) = r {
-            let _ = r.take(OUTPUT_LIMIT).read_to_end(&mut v).await;
-        }
-        v
-    };
-    let out = tokio::spawn(read(child.stdout.take()));
-    let err = tokio::spawn(read_err(child.stderr.take()));
+    let out = tokio::spawn(read_bounded(child.stdout.take()));
+    let err = tokio::spawn(read_bounded(child.stderr.take()));
     let limit = h.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let work = async {
         // A hook may not read its stdin: a closed pipe is not its failure.
@@ -198,6 +184,15 @@ async fn run_one(point: &'static str, h: &Hook, state: &[u8]) -> Result<(), Hook
     let e = tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or_default();
     let text = format!("{}{}", String::from_utf8_lossy(&o), String::from_utf8_lossy(&e));
     Err(fail(format!("{status}; its output: {}", text.trim())))
+}
+
+/// At most [`OUTPUT_LIMIT`] bytes of a hook's stdout or stderr.
+async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(r: Option<R>) -> Vec<u8> {
+    let mut v = Vec::new();
+    if let Some(r) = r {
+        let _ = r.take(OUTPUT_LIMIT).read_to_end(&mut v).await;
+    }
+    v
 }
 
 #[cfg(test)]
