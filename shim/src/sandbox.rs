@@ -72,6 +72,8 @@ pub struct Prepared {
     pub dir: PathBuf,
     pub shared_dir: PathBuf,
     shared: Arc<Dir>,
+    /// The network namespace QEMU will run in (the caller's unless set).
+    pub netns: vmm::Netns,
 }
 
 impl Prepared {
@@ -125,7 +127,7 @@ impl Sandbox {
             return Err(fail(e));
         }
         match Dir::open_host(&shared_dir) {
-            Ok(d) => Ok(Prepared { id: id.to_string(), dir, shared_dir, shared: Arc::new(d) }),
+            Ok(d) => Ok(Prepared { id: id.to_string(), dir, shared_dir, shared: Arc::new(d), netns: vmm::Netns::Inherit }),
             Err(e) => {
                 remove_sandbox_dir(&dir);
                 Err(fail(e.to_string()))
@@ -162,6 +164,7 @@ impl Sandbox {
             accel: choice.accel,
             extra_kernel_params: vec![format!("kata_rs.log={}", config.agent.log_level)],
             ready_marker: AGENT_READY_MARKER.into(),
+            netns: p.netns.clone(),
         };
         let start = Instant::now();
         let mut vm = Vm::start(spec).await?;

@@ -38,6 +38,20 @@ pub struct Adapted {
 /// Mount types that are created inside the guest and need no host source.
 const GUEST_MOUNT_TYPES: &[&str] = &["proc", "tmpfs", "devpts", "sysfs", "mqueue", "cgroup", "cgroup2", "shm"];
 
+/// The network namespace a spec asks for, which is where QEMU runs: none listed = the host's (as
+/// runc would do), listed without a path = a new one, with a path = that one (CRI's pod namespace,
+/// a client's `/var/run/netns/...`).
+pub fn network_namespace(spec: &Value) -> vmm::Netns {
+    let nss = spec.pointer("/linux/namespaces").and_then(Value::as_array);
+    match nss.and_then(|a| a.iter().find(|n| n.get("type").and_then(Value::as_str) == Some("network"))) {
+        None => vmm::Netns::Inherit,
+        Some(n) => match n.get("path").and_then(Value::as_str).filter(|p| !p.is_empty()) {
+            Some(p) => vmm::Netns::Path(p.into()),
+            None => vmm::Netns::New,
+        },
+    }
+}
+
 /// Bind mounts per container: more is a mistake, not a workload.
 pub const MAX_VOLUMES: usize = 256;
 
@@ -192,6 +206,16 @@ mod tests {
         s["mounts"] = Value::Array(many);
         let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap_err();
         assert!(e.to_string().contains("more than"), "{e}");
+    }
+
+    #[test]
+    fn the_network_namespace_qemu_runs_in() {
+        let with = |nss: Value| serde_json::json!({"linux": {"namespaces": nss}});
+        assert_eq!(network_namespace(&with(serde_json::json!([{"type": "pid"}]))), vmm::Netns::Inherit);
+        assert_eq!(network_namespace(&serde_json::json!({})), vmm::Netns::Inherit);
+        assert_eq!(network_namespace(&with(serde_json::json!([{"type": "network"}]))), vmm::Netns::New);
+        assert_eq!(network_namespace(&with(serde_json::json!([{"type": "network", "path": ""}]))), vmm::Netns::New);
+        assert_eq!(network_namespace(&with(serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-1"}]))), vmm::Netns::Path("/var/run/netns/cni-1".into()));
     }
 
     #[test]

@@ -301,7 +301,9 @@ impl TaskService {
         if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
             warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
         }
-        let prepared = Sandbox::prepare(&config, &req.id).map_err(|e| TaskError::internal(e.to_string()))?;
+        let mut prepared = Sandbox::prepare(&config, &req.id).map_err(|e| TaskError::internal(e.to_string()))?;
+        prepared.netns = spec::network_namespace(&spec_json);
+        info!(netns = ?prepared.netns, "QEMU's network namespace");
         if !adapted.volumes.is_empty() {
             info!(volumes = ?adapted.volumes.iter().map(|v| (&v.source, &v.destination, v.readonly)).collect::<Vec<_>>(), "volumes (host bind mounts) shared with the VM");
         }

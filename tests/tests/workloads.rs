@@ -137,11 +137,24 @@ async fn oci_hooks_run_on_the_host_in_order_with_qemus_pid() {
         &["sh", "-c", "touch /started; sleep 1000"],
         serde_json::json!({"createRuntime": h("createRuntime"), "prestart": h("prestart"), "poststart": h("poststart"), "poststop": h("poststop")}),
     );
+    // The spec names an existing network namespace (as CRI does): QEMU runs in it.
+    let mut holder = std::process::Command::new("unshare").args(["--net", "sleep", "600"]).spawn().unwrap();
+    let holder_ns = format!("/proc/{}/ns/net", holder.id());
+    let ns = |p: &str| std::fs::read_link(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let deadline = std::time::Instant::now() + T;
+    while ns(&holder_ns) == ns("/proc/self/ns/net") {
+        assert!(std::time::Instant::now() < deadline, "unshare --net did not make a namespace");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut spec = json_file(&bundle.join("config.json"));
+    spec["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "network", "path": holder_ns}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
     let shim = c.direct_shim(id, &bundle);
     let ctx = || context::with_timeout(300_000_000_000);
     let created = shim.create(ctx(), &CreateTaskRequest { id: id.into(), bundle: bundle.display().to_string(), ..Default::default() }).expect("create");
     let qemu = created.pid;
     assert!(std::fs::read_to_string(format!("/proc/{qemu}/cmdline")).unwrap().contains("qemu-system"), "the task pid is QEMU's");
+    assert_eq!(ns(&format!("/proc/{qemu}/ns/net")), ns(&holder_ns), "QEMU runs in the spec's network namespace");
     shim.start(ctx(), &StartRequest { id: id.into(), ..Default::default() }).expect("start");
     wait_file(&rec.join("order"), T, |s| s.contains("poststart")).await;
     wait_file(&bundle.join("rootfs/started"), T, |_| true).await;
@@ -169,13 +182,21 @@ async fn oci_hooks_run_on_the_host_in_order_with_qemus_pid() {
     let sandbox_dir = c.dir.join("kr").join(id).display().to_string();
     assert!(processes_mentioning(&sandbox_dir).is_empty(), "{:?}", processes_mentioning(&sandbox_dir));
 
-    // A failing prestart hook fails the create with its output, and leaves no VM.
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    // A failing prestart hook fails the create with its output, and leaves no VM. This spec asks for
+    // a new network namespace (no path): the hook, which prints the namespace of its state's pid,
+    // shows QEMU in one of its own, so hooks that set up networks there never touch the host's.
     let id = "h2";
-    let failing = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", "echo no network for you >&2; exit 7"]}]);
+    let script = "p=$(/bin/sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p'); /bin/readlink /proc/$p/ns/net >&2; echo no network for you >&2; exit 7";
+    let failing = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", script]}]);
     let bundle = hooked_bundle(&c, id, &["true"], serde_json::json!({"prestart": failing}));
     let shim = c.direct_shim(id, &bundle);
     let e = shim.create(ctx(), &CreateTaskRequest { id: id.into(), bundle: bundle.display().to_string(), ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("prestart hook /bin/sh") && e.contains("exit status: 7") && e.contains("no network for you"), "{e}");
+    let host_ns = ns("/proc/self/ns/net").display().to_string();
+    assert!(e.contains("net:[") && !e.contains(&host_ns), "QEMU's namespace ({e}) is not the host's ({host_ns})");
     c.remove_direct_shim(&shim, id, &bundle);
     let sandbox_dir = c.dir.join("kr").join(id).display().to_string();
     assert!(processes_mentioning(&sandbox_dir).is_empty(), "no VM is left after a failed hook: {:?}", processes_mentioning(&sandbox_dir));

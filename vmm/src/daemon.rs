@@ -25,6 +25,17 @@ pub enum DaemonError {
     NoSocket { name: &'static str, socket: String, waited: Duration, log: String, tail: String },
 }
 
+/// The network namespace a child runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildNetns {
+    /// The parent's.
+    Inherit,
+    /// A new, empty one (only loopback, down).
+    New,
+    /// The one this descriptor (of the parent, open across the fork) refers to.
+    Join(std::os::fd::RawFd),
+}
+
 /// A running helper process, its log file, and the socket it serves.
 pub struct Daemon {
     pub name: &'static str,
@@ -59,12 +70,18 @@ impl Daemon {
     /// Like [`Daemon::spawn`], and the child inherits descriptor `keep` (its close-on-exec flag is
     /// cleared in the child only), e.g. QEMU's `vhostfd`.
     pub fn spawn_keeping(name: &'static str, program: &Path, args: &[String], log: PathBuf, keep: Option<std::os::fd::RawFd>) -> Result<Daemon, DaemonError> {
+        Self::spawn_in(name, program, args, log, keep, ChildNetns::Inherit)
+    }
+
+    /// Like [`Daemon::spawn_keeping`], with the child in the network namespace `netns`.
+    pub fn spawn_in(name: &'static str, program: &Path, args: &[String], log: PathBuf, keep: Option<std::os::fd::RawFd>, netns: ChildNetns) -> Result<Daemon, DaemonError> {
         let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
-        // SAFETY: prctl and fcntl are async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: prctl, fcntl, unshare and setns are async-signal-safe; nothing else runs between fork
+        // and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -75,6 +92,14 @@ impl Daemon {
                     if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                let r = match netns {
+                    ChildNetns::Inherit => 0,
+                    ChildNetns::New => libc::unshare(libc::CLONE_NEWNET),
+                    ChildNetns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),
+                };
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });

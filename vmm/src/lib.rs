@@ -20,4 +20,4 @@ pub mod watch;
 
 pub use accel::Accel;
 pub use config::{AccelSetting, SharedFs, VmConfig, VsockSetting};
-pub use vm::{AgentChannel, Vm, VmError, VmSpec};
+pub use vm::{AgentChannel, Netns, Vm, VmError, VmSpec};

@@ -12,7 +12,7 @@ use crate::{
     cmdline::{QemuArgs, VsockDevice},
     config::{resolve_program, VmConfig},
     console::Console,
-    daemon::{kill_recorded, tail_of, Daemon, DaemonError},
+    daemon::{kill_recorded, tail_of, ChildNetns, Daemon, DaemonError},
     qmp::{Qmp, QmpError},
     SharedFs, VsockSetting,
 };
@@ -42,6 +42,12 @@ pub enum VmError {
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     Cid(#[from] crate::vsockcid::CidError),
+    #[error("network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("QEMU exited during start ({status}); {log}: {tail}")]
     QemuExited { status: String, log: String, tail: String },
     #[error("QEMU did not open its QMP socket: {source}; {log}: {tail}")]
@@ -86,6 +92,21 @@ pub struct VmSpec {
     pub extra_kernel_params: Vec<String>,
     /// A line the guest prints on its console once it is ready ([`Vm::console_marker_seen`]).
     pub ready_marker: String,
+    /// The network namespace QEMU runs in (the helper daemons stay in the caller's).
+    pub netns: Netns,
+}
+
+/// Where QEMU runs, network-wise: that namespace is the one the task pid (QEMU's) shows to hooks and
+/// to clients such as `ctr run --cni`, which configure networks in `/proc/<pid>/ns/net`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Netns {
+    /// The caller's (a container on the host's network).
+    #[default]
+    Inherit,
+    /// A new one of its own.
+    New,
+    /// An existing one, e.g. `/var/run/netns/cni-…` from the spec.
+    Path(PathBuf),
 }
 
 /// Processes recorded on disk, so that a later `delete` can clean up after a dead owner.
@@ -229,7 +250,18 @@ impl Vm {
         .build();
         let qemu_log = dir.join("qemu.log");
         let keep = vhost_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-        let mut qemu = Daemon::spawn_keeping("qemu", &qemu_path, &args, qemu_log.clone(), keep)?;
+        // The namespace file is opened here (not in the child), so a bad path is a clear error.
+        let netns_file = match &spec.netns {
+            Netns::Path(p) => Some(std::fs::File::open(p).map_err(|source| VmError::Netns { path: p.display().to_string(), source })?),
+            _ => None,
+        };
+        let child_netns = match (&spec.netns, &netns_file) {
+            (Netns::New, _) => ChildNetns::New,
+            (Netns::Path(_), Some(f)) => ChildNetns::Join(std::os::fd::AsRawFd::as_raw_fd(f)),
+            _ => ChildNetns::Inherit,
+        };
+        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns)?;
+        drop(netns_file);
         // QEMU holds its own copy (and with it the CID); ours is not needed any more.
         drop(vhost_fd);
         state.pids.push(qemu.pid);
