@@ -13,19 +13,27 @@ pub struct Containerd {
     pub dir: PathBuf,
     child: Child,
     pub address: String,
+    /// kata-rs's runtime root for this containerd's sandboxes.
+    pub runtime_root: PathBuf,
     bin_dir: PathBuf,
     /// PATH of containerd (the shim of this checkout first).
     path: String,
 }
 
 /// Starts containerd with this test's config; it stages checkpoint images in its XDG_RUNTIME_DIR, `<dir>/xdg`.
-fn spawn_containerd(dir: &Path, bin_dir: &Path, path: &str) -> Child {
+/// containerd with `dir/config.toml`; kata-rs's configuration is `dir/kata.toml` unless `installed`
+/// (then the shim finds its own, as after `make install`).
+fn spawn_containerd(dir: &Path, bin_dir: &Path, path: &str, installed: bool) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("containerd.log")).unwrap();
-    Command::new(if bin_dir.as_os_str().is_empty() { PathBuf::from("containerd") } else { bin_dir.join("containerd") })
-        .arg("--config")
+    let mut cmd = Command::new(if bin_dir.as_os_str().is_empty() { PathBuf::from("containerd") } else { bin_dir.join("containerd") });
+    if installed {
+        cmd.env_remove("KATA_RS_CONFIG");
+    } else {
+        cmd.env("KATA_RS_CONFIG", dir.join("kata.toml"));
+    }
+    cmd.arg("--config")
         .arg(dir.join("config.toml"))
         .env("PATH", path)
-        .env("KATA_RS_CONFIG", dir.join("kata.toml"))
         .env("XDG_RUNTIME_DIR", dir.join("xdg"))
         .current_dir(dir)
         .stdout(log.try_clone().unwrap())
@@ -80,9 +88,8 @@ impl Containerd {
     }
 
     /// Like [`Containerd::start`], with `hypervisor_extra` (TOML lines) added to kata-rs's `[hypervisor]` table.
-    pub fn start_with(hypervisor_extra: &str) -> Containerd {
-        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
-        assert!(shim.exists(), "{} missing: run 'make build'", shim.display());
+    /// A containerd directory with its config.toml; returns (dir, address).
+    fn prepare_dir(extra_config: &str) -> (PathBuf, String) {
         let dir = PathBuf::from(format!("/run/kata-rs-e2e/{}", crate::unique_id("c")));
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["root", "state", "xdg", "fifo"] {
@@ -93,12 +100,34 @@ impl Containerd {
             dir.join("config.toml"),
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n[debug]\n  level = \"debug\"\n",
+                 [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n[debug]\n  level = \"debug\"\n{extra_config}",
                 dir.display(),
                 address
             ),
         )
         .unwrap();
+        (dir, address)
+    }
+
+    /// containerd as it runs after `make install`: kata-rs's shim found on a standard PATH (not this
+    /// checkout's target directory), no KATA_RS_CONFIG, so the shim reads /etc/kata-rs and uses the
+    /// default runtime root. The caller installs first.
+    pub fn start_installed() -> Containerd {
+        let (dir, address) = Self::prepare_dir("");
+        let bin_dir = std::env::var_os("KATA_RS_CONTAINERD_BIN_DIR").map(PathBuf::from).unwrap_or_default();
+        let std_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+        let path = if bin_dir.as_os_str().is_empty() { std_path.to_string() } else { format!("{}:{std_path}", bin_dir.display()) };
+        let child = spawn_containerd(&dir, &bin_dir, &path, true);
+        let c = Containerd { dir, child, address, runtime_root: PathBuf::from("/run/kata-rs"), bin_dir, path };
+        c.wait_up();
+        c.ctr_ok(&["images", "import", busybox_image().to_str().unwrap()]);
+        c
+    }
+
+    pub fn start_with(hypervisor_extra: &str) -> Containerd {
+        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
+        assert!(shim.exists(), "{} missing: run 'make build'", shim.display());
+        let (dir, address) = Self::prepare_dir("");
         let mut kata = crate::test_config();
         kata.runtime.root = dir.join("kr");
         let g = crate::guest_dir();
@@ -127,8 +156,9 @@ impl Containerd {
             if bin_dir.as_os_str().is_empty() { String::new() } else { format!("{}:", bin_dir.display()) },
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = spawn_containerd(&dir, &bin_dir, &path);
-        let c = Containerd { dir, child, address, bin_dir, path };
+        let child = spawn_containerd(&dir, &bin_dir, &path, false);
+        let runtime_root = kata.runtime.root.clone();
+        let c = Containerd { dir, child, address, runtime_root, bin_dir, path };
         c.wait_up();
         let version = c.ctr_ok(&["version"]);
         eprintln!("containerd under test: {}", version.lines().filter(|l| l.contains("Version")).collect::<Vec<_>>().join(" | "));
@@ -149,7 +179,8 @@ impl Containerd {
     pub fn restart(&mut self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
-        self.child = spawn_containerd(&self.dir, &self.bin_dir, &self.path);
+        let installed = !self.dir.join("kata.toml").exists();
+        self.child = spawn_containerd(&self.dir, &self.bin_dir, &self.path, installed);
         self.wait_up();
     }
 
@@ -297,7 +328,7 @@ impl Containerd {
 
     /// Processes of this containerd's kata-rs sandboxes, shims and mounts still present.
     pub fn leftovers(&self) -> Vec<String> {
-        let kr = self.dir.join("kr").display().to_string();
+        let kr = format!("{}/", self.runtime_root.display());
         let mut v: Vec<String> = crate::processes_mentioning(&kr).into_iter().map(|(p, c)| format!("process {p}: {c}")).collect();
         let me = self.address.clone();
         v.extend(
@@ -309,8 +340,8 @@ impl Containerd {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let d = self.dir.display().to_string();
         v.extend(mounts.lines().filter(|l| l.contains(&d) && !l.contains("/root/io.containerd")).map(|l| format!("mount: {l}")));
-        if let Ok(entries) = std::fs::read_dir(self.dir.join("kr")) {
-            v.extend(entries.flatten().filter(|e| e.file_name() != ".accel-cache").map(|e| format!("dir: {}", e.path().display())));
+        if let Ok(entries) = std::fs::read_dir(&self.runtime_root) {
+            v.extend(entries.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| format!("dir: {}", e.path().display())));
         }
         v
     }
