@@ -31,8 +31,8 @@ pub fn test_config() -> Config {
     c.hypervisor.kernel = g.join("vmlinux");
     c.hypervisor.initrd = g.join("initramfs.cpio");
     c.hypervisor.memory_mib = 1024;
-    // One vCPU: with two vCPUs under TCG the guest kernel was seen soft-locked on both CPUs during
-    // `runc create` and a CRIU restore (docs/architecture.md, known limits).
+    // One vCPU: under TCG on this 2-core machine kind it was faster than two for create, checkpoint
+    // and restore (`make lockup-ab`; earlier soft lockups with two are not reproduced: docs/architecture.md).
     c.hypervisor.vcpus = 1;
     // Experiments only (`make lockup-ab`): other vCPU counts, TCG threading and guest kernel parameters.
     if let Some(n) = std::env::var("KATA_RS_TEST_VCPUS").ok().and_then(|v| v.parse().ok()) {
