@@ -150,9 +150,7 @@ impl TaskState {
         let pid = if status == "stopped" { 0 } else { self.host_pid };
         hooks::state_json(&self.hook_spec, &self.id, status, pid, &self.bundle.display().to_string())
     }
-}
 
-impl TaskState {
     fn proc_mut(&mut self, exec_id: &str) -> ttrpc::Result<&mut Proc> {
         if exec_id.is_empty() {
             return Ok(&mut self.init);

@@ -64,16 +64,11 @@ pub fn tail_of(path: &Path, max: usize) -> String {
 impl Daemon {
     /// Spawns `program args...` with stdout/stderr appended to `log`.
     pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Result<Daemon, DaemonError> {
-        Self::spawn_keeping(name, program, args, log, None)
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit)
     }
 
-    /// Like [`Daemon::spawn`], and the child inherits descriptor `keep` (its close-on-exec flag is
-    /// cleared in the child only), e.g. QEMU's `vhostfd`.
-    pub fn spawn_keeping(name: &'static str, program: &Path, args: &[String], log: PathBuf, keep: Option<std::os::fd::RawFd>) -> Result<Daemon, DaemonError> {
-        Self::spawn_in(name, program, args, log, keep, ChildNetns::Inherit)
-    }
-
-    /// Like [`Daemon::spawn_keeping`], with the child in the network namespace `netns`.
+    /// Like [`Daemon::spawn`], with the child in the network namespace `netns`, and inheriting
+    /// descriptor `keep` (its close-on-exec flag is cleared in the child only), e.g. QEMU's `vhostfd`.
     pub fn spawn_in(name: &'static str, program: &Path, args: &[String], log: PathBuf, keep: Option<std::os::fd::RawFd>, netns: ChildNetns) -> Result<Daemon, DaemonError> {
         let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
