@@ -5,10 +5,12 @@ log() { echo "[setup] $*" >&2; }
 need_apt=()
 for pair in qemu-system-x86_64:qemu-system-x86 cpio:cpio depmod:kmod readelf:binutils xz:xz-utils zstd:zstd \
             containerd:containerd runc:runc ctr:containerd socat:socat gcc:gcc \
-            criu:criu; do
+            criu:criu iptables:iptables tc:iproute2 ip:iproute2 nsenter:util-linux unshare:util-linux; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /usr/lib/qemu/virtiofsd ] || need_apt+=(qemu-system-common)
+# CNI plugins (bridge, host-local, portmap, loopback) for the network tests and the demo.
+[ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   apt-get -o DPkg::Lock::Timeout=600 -qq update

@@ -17,6 +17,7 @@ use tracing::info;
 use crate::{
     cmd,
     fdio::{ConsoleSocket, FdStream},
+    network,
     reaper::Reaper,
 };
 
@@ -24,6 +25,8 @@ pub const RUNC: &str = "/usr/sbin/runc";
 pub const RUNC_ROOT: &str = "/run/runc";
 /// Bundles, runc logs, exec process files.
 pub const CONTAINERS_DIR: &str = "/run/kata-rs/containers";
+/// CRIU options of every restore (runc reads them from the file the `org.criu.config` annotation names).
+const CRIU_RESTORE_CONF: &str = "/run/kata-rs/criu-restore.conf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -255,6 +258,8 @@ pub struct Container {
     pending_stdio: Option<ChildStdio>,
     /// Extra guest paths the host asked to treat as external mounts (checked at checkpoint).
     pub external_mounts: Vec<String>,
+    /// The container's named network namespace (`network::NETNS_DIR/<id>`), when its spec asks for one.
+    pub netns: Option<String>,
 }
 
 /// virtio-fs and 9p mounts (mount point as the container sees it, fs type) from a mountinfo text.
@@ -408,9 +413,33 @@ impl Containers {
         if let Some(l) = linux.as_object_mut() {
             l.insert("cgroupsPath".into(), Value::String(format!("/kata-rs/{id}")));
         }
+        let wants_netns = spec.pointer("/linux/namespaces").and_then(Value::as_array).is_some_and(|a| a.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("network")));
+        if for_restore {
+            // The restored container has new addresses: its established TCP connections come back
+            // closed (CRIU's tcp-close; runc takes CRIU options from this file), listeners listen.
+            fs::write(CRIU_RESTORE_CONF, "tcp-close\n").map_err(io("writing the CRIU restore configuration"))?;
+            if let Some(o) = spec.as_object_mut() {
+                let ann = o.entry("annotations").or_insert_with(|| serde_json::json!({}));
+                if let Some(a) = ann.as_object_mut() {
+                    a.insert("org.criu.config".into(), Value::String(CRIU_RESTORE_CONF.into()));
+                }
+            }
+        }
         let bundle = Path::new(CONTAINERS_DIR).join(id);
         fs::create_dir_all(&bundle).map_err(io("creating the bundle"))?;
-        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec).unwrap()).map_err(io("writing config.json"))?;
+        let netns = if wants_netns {
+            let path = network::create_netns(&self.reaper, id).await.map_err(|e| ContainerError::Runc { what: "creating the network namespace".into(), detail: e })?;
+            network::set_netns_path(&mut spec, &path);
+            Some(id.to_string())
+        } else {
+            None
+        };
+        if let Err(e) = fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&spec).unwrap()) {
+            if netns.is_some() {
+                network::delete_netns(&self.reaper, id).await;
+            }
+            return Err(io("writing config.json")(e));
+        }
         let terminal = spec.pointer("/process/terminal").and_then(Value::as_bool).unwrap_or(false);
         if terminal && for_restore {
             return Err(ContainerError::Invalid("restoring a terminal container is not supported yet".into()));
@@ -435,6 +464,9 @@ impl Containers {
             if !out.ok() {
                 let detail = runc_log_error(&bundle.join("runc.log"));
                 let _ = fs::remove_dir_all(&bundle);
+                if netns.is_some() {
+                    network::delete_netns(&self.reaper, id).await;
+                }
                 return Err(runc_err("runc create".into(), &detail));
             }
             let pid = read_pid(&pid_file)?;
@@ -449,6 +481,7 @@ impl Containers {
             status: Status::Created,
             pending_stdio: pending,
             external_mounts,
+            netns,
         };
         self.map.lock().await.insert(id.into(), Arc::new(Mutex::new(c)));
         info!(id, for_restore, pid, "container created");
@@ -582,10 +615,23 @@ impl Containers {
                 }
             }
             let _ = fs::remove_dir_all(&c.bundle);
+            if c.netns.is_some() {
+                network::delete_netns(&self.reaper, id).await;
+            }
         }
         self.map.lock().await.remove(id);
         info!(id, "container removed");
         Ok(())
+    }
+
+    /// Configures the container's interfaces (hot-plugged by the host) in its network namespace.
+    pub async fn update_network(&self, req: &agent_client::agent::UpdateNetworkRequest) -> Result<()> {
+        let c = self.get(&req.container_id).await?;
+        let ns = c.lock().await.netns.clone();
+        let Some(ns) = ns else {
+            return Err(ContainerError::Invalid(format!("container {} has no network namespace of its own (its spec lists none)", req.container_id)));
+        };
+        network::update(&self.reaper, &ns, req).await.map_err(|detail| ContainerError::Runc { what: "configuring the network".into(), detail })
     }
 
     /// `runc checkpoint` with the options mapped; returns CRIU's stats lines.

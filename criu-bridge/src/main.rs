@@ -8,6 +8,7 @@ mod cmd;
 mod container;
 mod fdio;
 mod init;
+mod network;
 mod reaper;
 mod service;
 

@@ -90,6 +90,12 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(StartResponse { pid, ..Default::default() })
     }
 
+    async fn update_network(&self, _ctx: &TtrpcContext, req: UpdateNetworkRequest) -> ttrpc::Result<Empty> {
+        info!(id = %req.container_id, interfaces = req.interfaces.len(), routes = req.routes.len(), "UpdateNetwork received");
+        self.containers.update_network(&req).await.map_err(status)?;
+        Ok(Empty::default())
+    }
+
     async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StartResponse> {
         let pid = self.containers.start(&req.container_id).await.map_err(status)?;
         Ok(StartResponse { pid, ..Default::default() })

@@ -96,6 +96,22 @@ pub fn deadline_from_spec(spec: &serde_json::Value, default_s: u64) -> Result<u6
     }
 }
 
+/// OCI annotation: checkpoints of this container keep its established TCP connections (CRIU's
+/// tcp-established), as runc's `open_tcp` option does. For clients that send no options to non-runc
+/// runtimes (containerd 1.x's ctr, nerdctl): "true" or "false".
+pub const OPEN_TCP_ANNOTATION: &str = "io.kata-rs.checkpoint.open_tcp";
+
+pub fn open_tcp_from_spec(spec: &serde_json::Value) -> Result<bool, CheckpointError> {
+    match spec.pointer("/annotations").and_then(|a| a.get(OPEN_TCP_ANNOTATION)) {
+        None => Ok(false),
+        Some(v) => match v.as_str() {
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            _ => Err(CheckpointError::Options(format!("annotation {OPEN_TCP_ANNOTATION}={v}: must be \"true\" or \"false\""))),
+        },
+    }
+}
+
 /// Time kept back from a request's own deadline so the shim can still clean up and answer.
 pub const REQUEST_MARGIN_S: u64 = 2;
 
@@ -210,6 +226,15 @@ mod tests {
         assert_eq!(e(1, Some(D::from_secs(300))).0, 298);
         assert_eq!(e(600, Some(D::from_millis(3900))).0, 1);
         assert_eq!(e(600, Some(D::from_millis(500))).0, 1, "never 0 (0 would mean no deadline in the guest)");
+    }
+
+    #[test]
+    fn open_tcp_annotation() {
+        let with = |v: &str| serde_json::json!({"annotations": {super::OPEN_TCP_ANNOTATION: v}});
+        assert_eq!(super::open_tcp_from_spec(&serde_json::json!({})), Ok(false));
+        assert_eq!(super::open_tcp_from_spec(&with("true")), Ok(true));
+        assert_eq!(super::open_tcp_from_spec(&with("false")), Ok(false));
+        assert!(super::open_tcp_from_spec(&with("yes")).unwrap_err().to_string().contains("open_tcp"));
     }
 
     #[test]

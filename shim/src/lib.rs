@@ -9,6 +9,7 @@ pub mod error;
 pub mod hooks;
 pub mod metrics;
 pub mod mounts;
+pub mod network;
 pub mod safefs;
 pub mod sandbox;
 pub mod shimcmd;

@@ -27,7 +27,7 @@ use crate::{
     checkpoint::{self, Staging, CHECKPOINT_DIR, RESTORE_DIR},
     config::Config,
     error::TaskError,
-    hooks, mounts,
+    hooks, mounts, network,
     safefs::Dir,
     sandbox::Sandbox,
     spec, stdio,
@@ -132,6 +132,8 @@ struct TaskState {
     restore_staging: Option<checkpoint::Staging>,
     /// Deadline of one checkpoint/restore (configuration or the container's annotation), seconds.
     deadline_s: u64,
+    /// The container's annotation asks every checkpoint to keep established TCP connections.
+    open_tcp: bool,
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
     restore_pending: bool,
     checkpoints: u32,
@@ -143,6 +145,8 @@ struct TaskState {
     /// The spec's OCI hooks (run on the host), and the spec parts their state needs.
     hooks: hooks::Hooks,
     hook_spec: serde_json::Value,
+    /// Interfaces of QEMU's network namespace mirrored into the VM so far.
+    network: network::Network,
 }
 
 impl TaskState {
@@ -291,6 +295,7 @@ impl TaskService {
         let adapted = spec::adapt_for_guest(&raw, &format!("{GUEST_SHARED}/{}", req.id)).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
         let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
         let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s)?;
+        let open_tcp = checkpoint::open_tcp_from_spec(&spec_json)?;
         let hooks = hooks::Hooks::from_spec(&spec_json).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
         if !hooks.not_run.is_empty() {
             warn!(hooks = ?hooks.not_run, "these hooks would run in the container's namespaces, which are in the VM: not run");
@@ -375,6 +380,13 @@ impl TaskService {
                 return Err(agent_err(e));
             }
         };
+        // Interfaces already in the namespace (CRI's pod network, a createRuntime hook's) reach the
+        // container now; later ones (ctr run --cni) at Start.
+        let mut network = network::Network::default();
+        if let Err(e) = sync_network(&mut network, &sandbox.vm, &agent, &req.id).await {
+            sandbox.stop(Some(&mounts)).await;
+            return Err(e);
+        }
         let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         init.guest_pid = guest_pid;
         init.start_io(&agent, &req.id, "");
@@ -392,6 +404,7 @@ impl TaskService {
             host_pid,
             restore_staging,
             deadline_s,
+            open_tcp,
             restore_pending: restore,
             checkpoints: 0,
             checkpointing: false,
@@ -399,6 +412,7 @@ impl TaskService {
             guest_mem_mib: config.hypervisor.memory_mib as u64,
             hooks,
             hook_spec,
+            network,
         })
     }
 
@@ -409,6 +423,19 @@ impl TaskService {
             let _ = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await;
             sb.stop(Some(&st.mounts)).await;
         }
+    }
+}
+
+/// Mirrors new interfaces of QEMU's namespace into the VM and has the agent configure them all.
+async fn sync_network(net: &mut network::Network, vm: &vmm::Vm, agent: &AgentClient, cid: &str) -> ttrpc::Result<()> {
+    match net.sync(vm, cid).await {
+        Ok(None) => Ok(()),
+        Ok(Some(r)) => {
+            agent.call_default("UpdateNetwork", |c, ctx| async move { c.update_network(ctx, &r).await }).await.map_err(agent_err)?;
+            Ok(())
+        }
+        Err(e @ network::NetworkError::TooMany { .. }) => Err(TaskError::invalid(e.to_string())),
+        Err(e) => Err(TaskError::internal(e.to_string())),
     }
 }
 
@@ -491,6 +518,13 @@ impl Task for TaskService {
             can_start(&st.id, &req.exec_id, status)?;
             if let Some(why) = &st.vm_gone {
                 return Err(TaskError::precondition(format!("task {}: the VM is gone ({why})", st.id)));
+            }
+            // Interfaces added since Create (ctr run --cni configures the namespace of the task's pid
+            // between Create and Start) are hot-plugged before the container runs.
+            if req.exec_id.is_empty() {
+                if let Some(sb) = st.sandbox.as_ref() {
+                    sync_network(&mut st.network, &sb.vm, &st.agent, &st.id).await?;
+                }
             }
             let staging = if restore { st.restore_staging.take() } else { None };
             if restore {
@@ -904,7 +938,7 @@ impl TaskService {
     /// the caller to clear.
     async fn checkpoint_unlocked(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>, claimed: &mut bool) -> ttrpc::Result<Empty> {
         let opts = checkpoint::parse_options(req.options.as_ref())?;
-        let (agent, cid, paused, bundle, shared, deadline_s, n, max) = {
+        let (agent, cid, paused, bundle, shared, deadline_s, n, max, open_tcp) = {
             let mut g = self.state.lock().await;
             let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
             let status = st.init.status;
@@ -918,7 +952,7 @@ impl TaskService {
             st.checkpointing = true;
             *claimed = true;
             st.checkpoints += 1;
-            (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib))
+            (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib), st.open_tcp)
         };
         let (deadline_s, deadline_from) = checkpoint::effective_deadline(deadline_s, request_deadline);
         let target = PathBuf::from(if opts.image_path.is_empty() { &req.path } else { &opts.image_path });
@@ -931,7 +965,7 @@ impl TaskService {
             image_path: format!("{GUEST_SHARED}/{CHECKPOINT_DIR}/{n}"),
             work_path: work.clone(),
             leave_running: !opts.exit,
-            tcp_established: opts.open_tcp,
+            tcp_established: opts.open_tcp || open_tcp,
             external_unix_sockets: opts.external_unix_sockets,
             shell_job: opts.terminal,
             file_locks: opts.file_locks,

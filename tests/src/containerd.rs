@@ -175,6 +175,14 @@ impl Containerd {
         }
     }
 
+    /// The major version of ctr (the client: ctr 2.x sends runc's checkpoint options to every runtime).
+    pub fn ctr_major(&self) -> u32 {
+        let v = self.ctr_ok(&["version"]);
+        let client = v.lines().skip_while(|l| !l.starts_with("Client")).find(|l| l.trim_start().starts_with("Version:")).unwrap_or_default();
+        let num = client.split(':').nth(1).unwrap_or_default().trim().trim_start_matches('v');
+        num.split('.').next().and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("ctr version: {v}"))
+    }
+
     /// Stops containerd (SIGTERM; its shims go on running) and starts it again on the same state.
     pub fn restart(&mut self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
@@ -300,6 +308,20 @@ impl Containerd {
         let _ = client.shutdown(context::with_timeout(10_000_000_000), &ShutdownRequest { id: id.into(), now: true, ..Default::default() });
         let o = self.shim_command(id, bundle).arg("-bundle").arg(bundle).arg("delete").output().expect("running the shim's delete");
         assert!(o.status.success(), "shim delete: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// A bundle for a direct shim: the busybox test rootfs and a spec running `args`, with `hooks`
+    /// (and the annotation io.kata-rs.test=hooks).
+    pub fn hooked_bundle(&self, id: &str, args: &[&str], hooks: serde_json::Value) -> PathBuf {
+        let bundle = self.dir.join("bundles").join(id);
+        std::fs::create_dir_all(&bundle).unwrap();
+        let st = Command::new("cp").arg("-a").arg(crate::guest_dir().join("test-rootfs")).arg(bundle.join("rootfs")).status().unwrap();
+        assert!(st.success());
+        let mut spec: serde_json::Value = serde_json::from_slice(&crate::oci_spec(args)).unwrap();
+        spec["hooks"] = hooks;
+        spec["annotations"] = serde_json::json!({"io.kata-rs.test": "hooks"});
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+        bundle
     }
 
     /// Blobs of containerd's content store.

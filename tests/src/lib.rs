@@ -10,6 +10,7 @@ use kata_rs_shim::{Config, Sandbox};
 
 pub mod containerd;
 pub mod load;
+pub mod netns;
 
 /// The guest image directory: `$KATA_RS_GUEST_DIR`, else `build/guest/bookworm` of this checkout.
 pub fn guest_dir() -> PathBuf {
@@ -58,10 +59,12 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// A sandbox id unique to this process and call.
+/// A sandbox id unique to this process and call (in a test isolated by [`netns::isolated`], whose pid
+/// is 1 in its PID namespace, unique to that run).
 pub fn unique_id(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+    let run = netns::run_tag().unwrap_or_else(|| std::process::id().to_string());
+    format!("{prefix}-{run}-{}", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
 }
 
 pub async fn boot(prefix: &str) -> Sandbox {

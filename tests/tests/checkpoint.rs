@@ -69,6 +69,37 @@ async fn task_checkpoint_of_running_and_paused_tasks_and_bad_states() {
     c.assert_clean();
 }
 
+/// `ctr tasks checkpoint --exit --image-path DIR`: ctr 2.x sends them as runc's options, which the shim
+/// honours (images in DIR, the task stopped); ctr 1.x sends no options to a non-runc runtime, so the
+/// images go to containerd's checkpoint image and the task keeps running (as nerdctl users see).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctr_tasks_checkpoint_exit_and_image_path() {
+    let c = Containerd::start();
+    c.run_detached("x1", &[], COUNTER);
+    let count = c.rootfs("x1").join("count");
+    wait_counter(&count, 5, T).await;
+    let dir = c.dir.join("images-x1");
+    let out = c.ctr_ok(&["tasks", "checkpoint", "--exit", "--image-path", dir.to_str().unwrap(), "x1"]);
+    if c.ctr_major() >= 2 {
+        assert!(dir.join("inventory.img").is_file(), "CRIU's images are in --image-path {}", dir.display());
+        c.wait_status("x1", "STOPPED", T);
+        let n = read_counter(&count);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(read_counter(&count), n, "the counter stopped with --exit");
+    } else {
+        assert!(!dir.join("inventory.img").exists(), "ctr 1.x sends no options: nothing in {}", dir.display());
+        assert!(out.contains("checkpoint"), "ctr 1.x makes a checkpoint image: {out}");
+        assert_eq!(c.task_status("x1").as_deref(), Some("RUNNING"), "ctr 1.x: --exit does not reach the shim");
+        let n = read_counter(&count);
+        wait_counter(&count, n + 3, T).await;
+        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "x1"]);
+        c.wait_status("x1", "STOPPED", T);
+    }
+    c.ctr_ok(&["task", "rm", "x1"]);
+    c.ctr_ok(&["container", "rm", "x1"]);
+    c.assert_clean();
+}
+
 const MEMHOG: &[&str] = &["/bin/memhog", "256"];
 /// A 256 MiB fill and sum under TCG takes a while; restores of 256 MiB too.
 const SLOW: Duration = Duration::from_secs(300);

@@ -101,19 +101,6 @@ exe=none; [ -n "$pid" ] && exe=$(tr '\0' ' ' < /proc/$pid/cmdline | cut -c1-60)
 echo "$1 started=$started env=${KATA_RS_HOOK_ENV:-unset} exe=$exe" >> "$REC/order"
 "#;
 
-/// A bundle for a direct shim: the busybox test rootfs and a spec running `args`, with `hooks`.
-fn hooked_bundle(c: &Containerd, id: &str, args: &[&str], hooks: serde_json::Value) -> std::path::PathBuf {
-    let bundle = c.dir.join("bundles").join(id);
-    std::fs::create_dir_all(&bundle).unwrap();
-    let st = std::process::Command::new("cp").arg("-a").arg(kata_rs_tests::guest_dir().join("test-rootfs")).arg(bundle.join("rootfs")).status().unwrap();
-    assert!(st.success());
-    let mut spec: serde_json::Value = serde_json::from_slice(&kata_rs_tests::oci_spec(args)).unwrap();
-    spec["hooks"] = hooks;
-    spec["annotations"] = serde_json::json!({"io.kata-rs.test": "hooks"});
-    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
-    bundle
-}
-
 fn json_file(p: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
@@ -131,8 +118,7 @@ async fn oci_hooks_run_on_the_host_in_order_with_qemus_pid() {
     let id = "h1";
     let rootfs_probe = c.dir.join("bundles").join(id).join("rootfs");
     let h = |point: &str| serde_json::json!([{"path": hook, "args": ["hook.sh", point, rootfs_probe], "env": ["KATA_RS_HOOK_ENV=given", format!("REC={}", rec.display()), "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "timeout": 60}]);
-    let bundle = hooked_bundle(
-        &c,
+    let bundle = c.hooked_bundle(
         id,
         &["sh", "-c", "touch /started; sleep 1000"],
         serde_json::json!({"createRuntime": h("createRuntime"), "prestart": h("prestart"), "poststart": h("poststart"), "poststop": h("poststop")}),
@@ -191,7 +177,7 @@ async fn oci_hooks_run_on_the_host_in_order_with_qemus_pid() {
     let id = "h2";
     let script = "p=$(/bin/sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p'); /bin/readlink /proc/$p/ns/net >&2; echo no network for you >&2; exit 7";
     let failing = serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", script]}]);
-    let bundle = hooked_bundle(&c, id, &["true"], serde_json::json!({"prestart": failing}));
+    let bundle = c.hooked_bundle(id, &["true"], serde_json::json!({"prestart": failing}));
     let shim = c.direct_shim(id, &bundle);
     let e = shim.create(ctx(), &CreateTaskRequest { id: id.into(), bundle: bundle.display().to_string(), ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("prestart hook /bin/sh") && e.contains("exit status: 7") && e.contains("no network for you"), "{e}");

@@ -6,6 +6,11 @@ use crate::{accel::Accel, config::VmConfig, SharedFs};
 /// The virtio-fs / 9p tag the guest mounts.
 pub const SHARED_TAG: &str = "kataShared";
 
+/// The id of the `index`th empty PCIe root port for network interfaces.
+pub fn network_port(index: u32) -> String {
+    format!("netport{index}")
+}
+
 /// How the agent channel device is attached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VsockDevice {
@@ -97,6 +102,10 @@ impl QemuArgs<'_> {
         push(&["-serial", "chardev:console0"]);
         push(&["-qmp", &format!("unix:{},server=on,wait=off", self.qmp_socket.display())]);
         push(&["-nic", "none"]);
+        // Network interfaces arrive after boot (CNI runs after the task exists): empty root ports take them.
+        for i in 0..c.network_ports {
+            push(&["-device", &format!("pcie-root-port,id={},bus=pcie.0,chassis={},slot={}", network_port(i), i + 1, i + 1)]);
+        }
         match &self.vsock {
             VsockDevice::Vhost { guest_cid, vhostfd } => {
                 let fd = vhostfd.map(|fd| format!(",vhostfd={fd}")).unwrap_or_default();
@@ -162,6 +171,9 @@ mod tests {
         assert!(has_pair(&v, "-chardev", "socket,id=console0,path=/run/k/console.sock,server=on,wait=off"));
         assert!(has_pair(&v, "-serial", "chardev:console0"));
         assert!(v.iter().any(|x| x == "-S"), "starts paused until the console is attached");
+        assert!(has_pair(&v, "-device", "pcie-root-port,id=netport0,bus=pcie.0,chassis=1,slot=1"));
+        assert!(has_pair(&v, "-device", "pcie-root-port,id=netport3,bus=pcie.0,chassis=4,slot=4"));
+        assert!(!v.iter().any(|x| x.contains("netport4")));
         let c = VmConfig { seccomp_sandbox: false, ..c };
         let v = args(&c, Accel::Tcg, VsockDevice::VhostUser { socket: "/run/k/vhu.sock".into() }).build();
         assert!(!v.iter().any(|x| x == "-sandbox"));

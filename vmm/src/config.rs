@@ -87,6 +87,9 @@ pub struct VmConfig {
     pub virtiofsd_sandbox: String,
     /// Size of the console log file in KiB; one older file of the same size is kept, the rest dropped.
     pub console_log_max_kib: u64,
+    /// Empty PCIe root ports on q35 for network interfaces hot-plugged after boot (one each); the
+    /// most interfaces one VM can take. 0 = no network interfaces.
+    pub network_ports: u32,
 }
 
 impl Default for VmConfig {
@@ -98,6 +101,7 @@ impl Default for VmConfig {
             memory_mib: 2048,
             vcpus: 2,
             machine: "q35".into(),
+            network_ports: 4,
             cpu_model: String::new(),
             accel: AccelSetting::Auto,
             tcg_thread: "multi".into(),
@@ -150,6 +154,12 @@ impl VmConfig {
         }
         if !matches!(self.virtiofsd_sandbox.as_str(), "namespace" | "chroot") {
             return bad("virtiofsd_sandbox", format!("{:?} is not one of namespace, chroot (virtiofsd always runs sandboxed)", self.virtiofsd_sandbox));
+        }
+        if self.network_ports > 16 {
+            return bad("network_ports", format!("{} is above 16", self.network_ports));
+        }
+        if self.network_ports > 0 && !self.machine.starts_with("q35") && !self.machine.starts_with("pc-q35") {
+            return bad("network_ports", format!("network interfaces are hot-plugged into PCIe root ports, which machine {:?} has not: use q35 or set 0", self.machine));
         }
         if !(16..=1 << 20).contains(&self.console_log_max_kib) {
             return bad("console_log_max_kib", format!("{} is out of range 16..=1048576", self.console_log_max_kib));

@@ -123,6 +123,29 @@ impl Qmp {
         self.run("quit", qmp::quit {}).await.map(|_| ())
     }
 
+    /// `netdev_add` of a tap backend: QEMU opens (creating if needed) the tap `ifname` in its own
+    /// network namespace; no scripts, no vhost-net.
+    pub async fn netdev_add_tap(&self, id: &str, ifname: &str) -> Result<(), QmpError> {
+        let tap = qmp::NetdevTapOptions {
+            ifname: Some(ifname.to_string()),
+            script: Some("no".into()),
+            downscript: Some("no".into()),
+            vhost: Some(false),
+            ..Default::default()
+        };
+        self.run("netdev_add", qmp::netdev_add(qmp::Netdev::tap { id: id.to_string(), tap })).await.map(|_| ())
+    }
+
+    pub async fn netdev_del(&self, id: &str) -> Result<(), QmpError> {
+        self.run("netdev_del", qmp::netdev_del { id: id.to_string() }).await.map(|_| ())
+    }
+
+    /// `device_add` of `driver` with `id` on `bus` and driver properties `props`.
+    pub async fn device_add(&self, driver: &str, id: &str, bus: &str, props: serde_json::Map<String, serde_json::Value>) -> Result<(), QmpError> {
+        let cmd = qmp::device_add { driver: driver.to_string(), id: Some(id.to_string()), bus: Some(bus.to_string()), arguments: props };
+        self.run("device_add", cmd).await.map(|_| ())
+    }
+
     pub async fn system_powerdown(&self) -> Result<(), QmpError> {
         self.run("system_powerdown", qmp::system_powerdown {}).await.map(|_| ())
     }

@@ -129,6 +129,9 @@ pub struct Vm {
     console: Console,
     shutdown_timeout: Duration,
     pub accel: Accel,
+    /// QEMU's network namespace, pinned (none when QEMU shares the caller's).
+    netns: Option<std::fs::File>,
+    network_ports: u32,
 }
 
 fn check_socket_path(p: &Path) -> Result<(), VmError> {
@@ -261,7 +264,20 @@ impl Vm {
             _ => ChildNetns::Inherit,
         };
         let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns)?;
-        drop(netns_file);
+        // A namespace of its own is pinned now, while QEMU (started paused) certainly lives in it.
+        let netns_file = match spec.netns {
+            Netns::New => {
+                let p = format!("/proc/{}/ns/net", qemu.pid);
+                match std::fs::File::open(&p) {
+                    Ok(f) => Some(f),
+                    Err(source) => {
+                        teardown(Some(qemu), daemons, Duration::ZERO).await;
+                        return Err(VmError::Netns { path: p, source });
+                    }
+                }
+            }
+            _ => netns_file,
+        };
         // QEMU holds its own copy (and with it the CID); ours is not needed any more.
         drop(vhost_fd);
         state.pids.push(qemu.pid);
@@ -309,6 +325,8 @@ impl Vm {
             console,
             shutdown_timeout: Duration::from_secs(c.shutdown_timeout_s),
             accel: spec.accel,
+            netns: netns_file,
+            network_ports: c.network_ports,
         })
     }
 
@@ -342,6 +360,32 @@ impl Vm {
     /// Bytes the guest printed on its console so far.
     pub fn console_bytes_seen(&self) -> u64 {
         self.console.bytes_seen()
+    }
+
+    /// QEMU's network namespace (where its taps are), pinned; `None` when it shares the caller's.
+    pub fn netns(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.netns.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// How many network interfaces can be hot-plugged (empty root ports).
+    pub fn network_ports(&self) -> u32 {
+        self.network_ports
+    }
+
+    /// Hot-plugs a virtio-net device with `mac` backed by the tap `tap` (QEMU creates it in its
+    /// namespace) into root port `index`. The tap exists once this returns.
+    pub async fn hotplug_nic(&self, index: u32, tap: &str, mac: &str) -> Result<(), QmpError> {
+        let netdev = format!("net{index}");
+        self.qmp.netdev_add_tap(&netdev, tap).await?;
+        let mut props = serde_json::Map::new();
+        props.insert("netdev".into(), netdev.clone().into());
+        props.insert("mac".into(), mac.into());
+        if let Err(e) = self.qmp.device_add("virtio-net-pci", &format!("nic{index}"), &crate::cmdline::network_port(index), props).await {
+            let _ = self.qmp.netdev_del(&netdev).await;
+            return Err(e);
+        }
+        info!(index, tap, mac, "network interface hot-plugged");
+        Ok(())
     }
 
     /// QEMU's pid (the task pid containerd sees), 0 once QEMU was stopped.
