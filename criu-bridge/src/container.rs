@@ -723,7 +723,11 @@ impl Containers {
                     info!(id, error = %e, "after the deadline: runc {verb} (the container may already be {left})");
                 }
                 let _ = fs::remove_dir_all(&req.image_path);
-                let outcome = if survived { format!("the container was left {left}") } else { "the container did not survive it".to_string() };
+                let outcome = match (survived, init.exited()) {
+                    (true, _) => format!("the container was left {left}"),
+                    (false, Some(x)) => format!("the container did not survive it (its init ended with status {})", x.code),
+                    (false, None) => "the container did not survive it".to_string(),
+                };
                 let e = ContainerError::Runc {
                     what: "runc checkpoint".into(),
                     detail: format!("checkpoint deadline of {} s exceeded; CRIU was stopped and {outcome}", req.deadline_s),

@@ -88,7 +88,9 @@ async fn ctr_tasks_checkpoint_exit_and_image_path() {
         assert_eq!(read_counter(&count), n, "the counter stopped with --exit");
     } else {
         assert!(!dir.join("inventory.img").exists(), "ctr 1.x sends no options: nothing in {}", dir.display());
-        assert!(out.contains("checkpoint"), "ctr 1.x makes a checkpoint image: {out}");
+        let _ = out; // ctr 1.x prints no image name when --image-path is given
+        let images = c.ctr_ok(&["images", "ls", "-q"]);
+        assert!(images.lines().any(|l| l.contains("checkpoint") && l.contains("x1")), "ctr 1.x makes a checkpoint image in containerd: {images}");
         assert_eq!(c.task_status("x1").as_deref(), Some("RUNNING"), "ctr 1.x: --exit does not reach the shim");
         let n = read_counter(&count);
         wait_counter(&count, n + 3, T).await;
@@ -97,6 +99,85 @@ async fn ctr_tasks_checkpoint_exit_and_image_path() {
     }
     c.ctr_ok(&["task", "rm", "x1"]);
     c.ctr_ok(&["container", "rm", "x1"]);
+    c.assert_clean();
+}
+
+/// nerdctl (≥ 2.2) `checkpoint create` and `start --checkpoint`, call for call through containerd's API
+/// (nerdctl cannot be installed here): containerd's Go client pauses the task, checkpoints it with no
+/// options (nerdctl sends none to a non-runc runtime) and resumes it; after the task is gone, a new
+/// task of the same container is created from the checkpoint's descriptor and started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nerdctl_checkpoint_create_and_start_checkpoint_call_sequence() {
+    use containerd_client::{
+        services::v1::{
+            snapshots::{snapshots_client::SnapshotsClient, MountsRequest},
+            tasks_client::TasksClient,
+            CheckpointTaskRequest, CreateRequest, CreateTaskRequest, DeleteRequest, DeleteTaskRequest, PauseTaskRequest, ResumeTaskRequest, StartRequest,
+            leases_client::LeasesClient,
+        },
+        tonic::Request,
+        with_namespace,
+    };
+    const NS: &str = "default";
+    const LEASE: &str = "kata-rs-test-nerdctl";
+    let c = Containerd::start();
+    c.run_detached("n1", &[], COUNTER);
+    let count = c.rootfs("n1").join("count");
+    wait_counter(&count, 20, T).await;
+    let channel = containerd_client::connect(&c.address).await.expect("connecting to containerd's gRPC socket");
+    let mut tasks = TasksClient::new(channel.clone());
+    let mut leases = LeasesClient::new(channel.clone());
+    // The Go client holds a lease while it checkpoints, so the images are not collected meanwhile.
+    leases.create(with_namespace!(CreateRequest { id: LEASE.into(), ..Default::default() }, NS)).await.expect("lease");
+    let leased = |req: CheckpointTaskRequest| {
+        let mut r = with_namespace!(req, NS);
+        r.metadata_mut().insert("containerd-lease", LEASE.parse().unwrap());
+        r
+    };
+    let id = || "n1".to_string();
+
+    // nerdctl checkpoint create n1 ck1
+    tasks.pause(with_namespace!(PauseTaskRequest { container_id: id() }, NS)).await.expect("Pause");
+    let checkpointed = tasks.checkpoint(leased(CheckpointTaskRequest { container_id: id(), ..Default::default() })).await;
+    tasks.resume(with_namespace!(ResumeTaskRequest { container_id: id() }, NS)).await.expect("Resume");
+    let descriptors = checkpointed.expect("Checkpoint with no options").into_inner().descriptors;
+    let image = descriptors
+        .iter()
+        .find(|d| d.media_type.contains("criu.checkpoint"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no CRIU checkpoint among {descriptors:?}"));
+    let at_checkpoint = read_counter(&count);
+    // No options reached the shim: the container keeps running (what nerdctl users get).
+    assert_eq!(c.task_status("n1").as_deref(), Some("RUNNING"));
+    wait_counter(&count, at_checkpoint + 10, T).await;
+
+    // nerdctl stop n1; nerdctl start --checkpoint ck1 n1
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "n1"]);
+    c.wait_status("n1", "STOPPED", T);
+    tasks.delete(with_namespace!(DeleteTaskRequest { container_id: id() }, NS)).await.expect("Delete");
+    let mounts = SnapshotsClient::new(channel.clone())
+        .mounts(with_namespace!(MountsRequest { snapshotter: "overlayfs".into(), key: id() }, NS))
+        .await
+        .expect("the container's rootfs mounts")
+        .into_inner()
+        .mounts;
+    let created = tasks
+        .create(with_namespace!(CreateTaskRequest { container_id: id(), rootfs: mounts, checkpoint: Some(image), ..Default::default() }, NS))
+        .await;
+    created.expect("Create from the checkpoint descriptor");
+    let before_start = read_counter(&count);
+    tasks.start(with_namespace!(StartRequest { container_id: id(), ..Default::default() }, NS)).await.expect("Start");
+    assert_eq!(c.task_status("n1").as_deref(), Some("RUNNING"));
+    // Restored, not started afresh: the counter goes on from about the checkpoint's value.
+    let deadline = std::time::Instant::now() + T;
+    while read_counter(&count) == before_start {
+        assert!(std::time::Instant::now() < deadline, "the restored counter never wrote");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = read_counter(&count);
+    assert!(first + 5 >= at_checkpoint && first < before_start, "restored at {first}: checkpointed at about {at_checkpoint}, killed at {before_start}");
+    leases.delete(with_namespace!(DeleteRequest { id: LEASE.into(), sync: true }, NS)).await.expect("lease delete");
+    c.kill_and_remove("n1");
     c.assert_clean();
 }
 
@@ -141,7 +222,7 @@ async fn memory_of_256_mib_survives_a_deadline_a_checkpoint_and_a_restore() {
     assert!(took < Duration::from_secs(60), "the deadline error came after {took:?}, not within seconds: {e}");
     let log = e.split("full CRIU log: ").nth(1).map(|l| l.split_whitespace().next().unwrap_or("").trim_end_matches(['"', ':']).to_string()).unwrap_or_default();
     assert!(std::path::Path::new(&log).is_file(), "the error names the host copy of CRIU's log: {log:?} in {e}");
-    assert_eq!(c.task_status("m1").as_deref(), Some("RUNNING"), "containerd resumed it; CRIU let go of it");
+    assert_eq!(c.task_status("m1").as_deref(), Some("RUNNING"), "containerd resumed it; CRIU let go of it: {e}");
     let n = read_counter(&c.rootfs("m1").join("count"));
     wait_counter(&c.rootfs("m1").join("count"), n + 3, T).await;
     let v = verify_memory(&c, "m1").await;
