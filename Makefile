@@ -78,8 +78,8 @@ test: setup guest-image build
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd-debian.sh trixie) \
 	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 
-bench: guest-image build
-	$(CARGO) run --release -q -p kata-rs-tests --bin bench
+bench: setup guest-image build
+	KATA_RS_HOST_CRIU=$$(bash scripts/host-criu.sh) $(CARGO) run --release -q -p kata-rs-tests --bin bench
 
 # The experiment behind the 1-vCPU default under TCG: soft lockups per vCPU count and TCG threading
 # (docs/architecture.md, known limits). About 15 minutes here.

@@ -32,25 +32,35 @@ pub fn run_tag() -> Option<String> {
 /// is that isolated run, with loopback up, CNI's configuration and state directories private, and
 /// ctr's CNI paths (/etc/cni/net.d, /opt/cni/bin) pointing at the test network and Debian's plugins.
 pub fn isolated(name: &str) -> bool {
-    if std::env::var_os(INSIDE).is_some() {
+    if inside() {
         setup_inside();
         return true;
     }
+    let st = run_isolated(&[name, "--exact", "--nocapture", "--test-threads", "1"]);
+    assert!(st.success(), "{name} (in its own network, PID and mount namespaces) failed: {st}");
+    false
+}
+
+/// Is this process the isolated run?
+pub fn inside() -> bool {
+    std::env::var_os(INSIDE).is_some()
+}
+
+/// Runs this executable again with `args` in new network, PID and mount namespaces (for a binary such
+/// as the bench; it calls [`setup_inside`] there).
+pub fn run_isolated(args: &[&str]) -> std::process::ExitStatus {
     assert!(Path::new(CNI_BIN).join("bridge").exists(), "CNI plugins missing in {CNI_BIN}: run 'make setup' (containernetworking-plugins)");
     // Mount points for the private bind mounts (empty directories; CRI uses them too).
     for d in ["/etc/cni/net.d", "/opt/cni/bin"] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let exe = std::env::current_exe().unwrap();
-    let st = Command::new("unshare")
+    Command::new("unshare")
         .args(["--net", "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"])
-        .arg(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .arg(std::env::current_exe().unwrap())
+        .args(args)
         .env(INSIDE, format!("n{}x{}", std::process::id(), RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)))
         .status()
-        .expect("running unshare");
-    assert!(st.success(), "{name} (in its own network, PID and mount namespaces) failed: {st}");
-    false
+        .expect("running unshare")
 }
 
 fn sh(cmd: &str) {
@@ -61,7 +71,8 @@ fn sh(cmd: &str) {
 /// CNI's state and the test network's configuration live on a tmpfs of this mount namespace only.
 const PRIVATE: &str = "/var/lib/cni";
 
-fn setup_inside() {
+/// Inside: loopback up, CNI state and configuration private, ctr's CNI paths set (see [`isolated`]).
+pub fn setup_inside() {
     sh(&format!(
         "ip link set lo up
          mkdir -p {PRIVATE} /run/netns

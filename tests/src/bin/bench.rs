@@ -26,6 +26,18 @@ fn result(name: &str, value: f64, unit: &str, note: &str) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // The network figures run in namespaces of their own (this binary again, under unshare).
+    if std::env::args().nth(1).as_deref() == Some("network") && kata_rs_tests::netns::inside() {
+        kata_rs_tests::netns::setup_inside();
+        network_figures().await;
+        return;
+    }
+    // The runc baseline's CRIU (scripts/host-criu.sh): first on containerd's PATH, so runc finds it.
+    if let Some(d) = std::env::var_os("KATA_RS_HOST_CRIU") {
+        let mut paths = vec![std::path::PathBuf::from(d)];
+        paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+        std::env::set_var("PATH", std::env::join_paths(paths).unwrap());
+    }
     let boots: usize = std::env::var("KATA_RS_BENCH_BOOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let me = std::process::id();
     let rss_before = rss_kib(me);
@@ -69,7 +81,85 @@ async fn main() {
 
     transfer_figures();
     containerd_figures().await;
+    let st = kata_rs_tests::netns::run_isolated(&["network"]);
+    if !st.success() {
+        println!("# network figures incomplete: their isolated run ended with {st}");
+    }
     load_figures();
+}
+
+/// With CNI (bridge, host-local) in a network namespace of the bench's own: `ctr run -d --cni` of an
+/// httpd until the host gets its page, and checkpoint/restore of that container in a pod-like
+/// namespace (CNI ADD beforehand, `--with-ns`), kata-rs and runc in the same containerd.
+async fn network_figures() {
+    use kata_rs_tests::{
+        containerd::{Containerd, RUNTIME},
+        netns::{allocated_addresses, cni_add, cni_del, http_get},
+    };
+    let c = Containerd::start();
+    let limit = Duration::from_secs(300);
+    let web = "mkdir -p /www && echo bench-web > /www/index.html && exec httpd -f -p 80 -h /www";
+    for (name, runtime) in [("kata_rs", RUNTIME), ("runc_v2", "io.containerd.runc.v2")] {
+        let mut times = Vec::new();
+        for i in 0..3 {
+            let id = format!("w-{name}-{i}");
+            let before = allocated_addresses();
+            let t = Instant::now();
+            c.run_detached_with(runtime, &id, &["--cni"], &["sh", "-c", web]);
+            let Some(ip) = allocated_addresses().into_iter().find(|a| !before.contains(a)) else {
+                println!("# ctr_run_cni_to_http_s[{name}] not measured: CNI gave no address");
+                c.kill_and_remove(&id);
+                break;
+            };
+            let body = http_get(&format!("{ip}:80"), limit);
+            times.push(t.elapsed().as_secs_f64());
+            assert!(body.contains("bench-web"), "{body}");
+            c.kill_and_remove(&id);
+        }
+        if !times.is_empty() {
+            let n = times.len();
+            result(&format!("ctr_run_cni_to_http_s[{name}]"), median(times), "s", &format!("median of {n}: ctr run -d --cni (busybox httpd) until the host has the page"));
+        }
+    }
+    for (name, runtime) in [("kata_rs", RUNTIME), ("runc_v2", "io.containerd.runc.v2")] {
+        let tag = format!("[{name},network]");
+        let ns = format!("kr-bench-{name}");
+        let netns = format!("/run/netns/{ns}");
+        let st = std::process::Command::new("ip").args(["netns", "add", &ns]).status().unwrap();
+        assert!(st.success());
+        let ip = cni_add(&netns, &ns);
+        let id = format!("nw-{name}");
+        c.run_detached_with(runtime, &id, &["--with-ns", &format!("network:{netns}")], &["sh", "-c", web]);
+        http_get(&format!("{ip}:80"), limit);
+        let image = format!("kata-rs-bench/{id}:1");
+        let t = Instant::now();
+        let o = c.ctr(&["containers", "checkpoint", "--task", "--rw", "--image", &id, &image]);
+        let checkpoint_s = t.elapsed().as_secs_f64();
+        if !o.status.success() {
+            let e = String::from_utf8_lossy(&o.stderr);
+            let why = e.lines().find(|l| l.contains("Error (")).or(e.lines().next()).unwrap_or("").trim().to_string();
+            println!("# network checkpoint figures {tag} skipped: the checkpoint failed: {why}{}", criu_errors(&e));
+            c.kill_and_remove(&id);
+        } else {
+            result(&format!("checkpoint_s{tag}"), checkpoint_s, "s", "ctr containers checkpoint --task --rw --image of an httpd with a CNI interface");
+            c.kill_and_remove(&id);
+            let rid = format!("{id}-r");
+            let t = Instant::now();
+            let o = c.ctr(&["containers", "restore", "--live", "--rw", &rid, &image]);
+            if o.status.success() {
+                result(&format!("restore_s{tag}"), t.elapsed().as_secs_f64(), "s", "ctr containers restore --live --rw into the same namespace");
+                http_get(&format!("{ip}:80"), limit);
+                result(&format!("restore_to_http_s{tag}"), t.elapsed().as_secs_f64(), "s", "restore until the host has the page again");
+                c.kill_and_remove(&rid);
+            } else {
+                println!("# restore_s{tag} not measured: {}", String::from_utf8_lossy(&o.stderr).trim());
+                let _ = c.ctr(&["container", "rm", &rid]);
+            }
+            let _ = c.ctr(&["images", "rm", "--sync", &image]);
+        }
+        cni_del(&netns, &ns);
+        let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
+    }
 }
 
 /// Copying 256 MiB of checkpoint images out of a tmpfs (as the shared directory is) to a directory on
@@ -192,6 +282,15 @@ async fn containerd_figures() {
     checkpoint_figures(&c).await;
 }
 
+/// runc names CRIU's log in its error (`path= <file>: unknown`); its `Error` lines, read before the
+/// bundle goes.
+fn criu_errors(e: &str) -> String {
+    let Some(p) = e.split("path= ").nth(1).and_then(|r| r.split(": ").next()) else { return String::new() };
+    let text = std::fs::read_to_string(p.trim()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).take(5).collect();
+    if lines.is_empty() { String::new() } else { format!("; CRIU: {}", lines.join(" | ")) }
+}
+
 /// Checkpoint tar blobs (holding inventory.img) in containerd's content store, with their sizes.
 fn checkpoint_blobs(c: &kata_rs_tests::containerd::Containerd) -> Vec<(std::path::PathBuf, u64)> {
     c.content_blobs()
@@ -232,7 +331,7 @@ async fn checkpoint_figures(c: &kata_rs_tests::containerd::Containerd) {
                 let why = e.lines().find(|l| l.contains("Error (")).or(e.lines().next()).unwrap_or("").trim().to_string();
                 let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
                 let criu = std::process::Command::new("criu").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_else(|_| "no criu".into());
-                println!("# checkpoint figures {tag} skipped: the checkpoint failed on this host (kernel {kernel}, host {criu}): {why}");
+                println!("# checkpoint figures {tag} skipped: the checkpoint failed on this host (kernel {kernel}, host {criu}): {why}{}", criu_errors(&e));
             } else {
                 result(&format!("checkpoint_s{tag}"), checkpoint_s, "s", "ctr containers checkpoint --task --rw --image (pause, dump, copy, content store, resume)");
                 if let Some((_, bytes)) = checkpoint_blobs(c).into_iter().find(|b| !before.contains(b)) {
