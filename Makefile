@@ -62,7 +62,7 @@ integration-test: guest-image build
 # (Debian 13's, unpacked): the containerd suite.
 # Each suite runs once: a failure fails `make test`.
 test: setup guest-image build
-	$(CARGO) test --release --workspace --lib --bins
+	$(CARGO) test --release --workspace --exclude kata-rs-tests --lib --bins
 	$(CARGO) test --release -p kata-rs-tests --test vm -- --test-threads=1
 	$(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 	$(CARGO) test --release -p kata-rs-tests --test checkpoint -- --test-threads=1

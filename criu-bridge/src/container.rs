@@ -712,25 +712,45 @@ impl Containers {
         if let Err(e) = runc(&self.reaper, id, &argv, deadline).await {
             let timed_out = e.to_string().contains("timed out");
             if timed_out {
-                // runc was killed; stop its CRIU too. CRIU thaws the cgroup once it has seized the
-                // tasks, and its death detaches them (CRIU's parasite code returns them to where
-                // they were): give them a moment, then put the cgroup back as it was before the call.
-                kill_criu();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let survived = init.exited().is_none() && Path::new(&format!("/proc/{}", init.pid())).exists();
-                let (verb, left) = if req.already_frozen { ("pause", "paused") } else { ("resume", "running") };
-                if let Err(e) = runc(&self.reaper, id, &[verb, id], Some(Duration::from_secs(30))).await {
-                    info!(id, error = %e, "after the deadline: runc {verb} (the container may already be {left})");
-                }
+                // runc was killed; its CRIU is not. SIGKILL while CRIU injects or cures its parasite
+                // leaves a `syscall; int3` or a hardware breakpoint in the task, which then dies of
+                // SIGTRAP (compel infect.c: compel_execute_syscall, parasite_fini_seized). Without runc,
+                // CRIU fails at its next notification to runc and releases the tasks itself (cure,
+                // TASK_ALIVE); the images it still writes are removed under it, which makes it fail
+                // sooner. Wait for that, bounded by the host's margin; later, in the background.
                 let _ = fs::remove_dir_all(&req.image_path);
-                let outcome = match (survived, init.exited()) {
-                    (true, _) => format!("the container was left {left}"),
-                    (false, Some(x)) => format!("the container did not survive it (its init ended with status {})", x.code),
-                    (false, None) => "the container did not survive it".to_string(),
+                let (verb, left) = if req.already_frozen { ("pause", "paused") } else { ("resume", "running") };
+                let released = wait_criu_gone(CRIU_RELEASE_WAIT).await;
+                let outcome = if released {
+                    if let Err(e) = runc(&self.reaper, id, &[verb, id], Some(Duration::from_secs(30))).await {
+                        info!(id, error = %e, "after the deadline: runc {verb} (the container may already be {left})");
+                    }
+                    let _ = fs::remove_dir_all(&req.image_path);
+                    let survived = init.exited().is_none() && Path::new(&format!("/proc/{}", init.pid())).exists();
+                    match (survived, init.exited()) {
+                        (true, _) => format!("CRIU released it and the container was left {left}"),
+                        (false, Some(x)) => format!("the container did not survive it (its init ended with status {})", x.code),
+                        (false, None) => "the container did not survive it".to_string(),
+                    }
+                } else {
+                    let (reaper, id_, image_path) = (self.reaper.clone(), id.to_string(), req.image_path.clone());
+                    tokio::spawn(async move {
+                        if !wait_criu_gone(CRIU_RELEASE_LAST).await {
+                            tracing::warn!(id = %id_, "CRIU still runs {CRIU_RELEASE_LAST:?} after the deadline: killed (the container may not survive)");
+                            kill_criu();
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let _ = fs::remove_dir_all(&image_path);
+                        if let Err(e) = runc(&reaper, &id_, &[verb, &id_], Some(Duration::from_secs(30))).await {
+                            info!(id = %id_, error = %e, "after the deadline: runc {verb}");
+                        }
+                        info!(id = %id_, "CRIU gone after the deadline; container put back {left}");
+                    });
+                    format!("CRIU is still releasing the container (it stops at its next step; killing it could kill the container); the container is left {left} once it has")
                 };
                 let e = ContainerError::Runc {
                     what: "runc checkpoint".into(),
-                    detail: format!("checkpoint deadline of {} s exceeded; CRIU was stopped and {outcome}", req.deadline_s),
+                    detail: format!("checkpoint deadline of {} s exceeded; runc was stopped, {outcome}", req.deadline_s),
                 };
                 return Err(with_criu_log(e, &req.work_path, "dump.log"));
             }
@@ -776,6 +796,36 @@ impl Containers {
 
 /// SIGKILLs every CRIU process in the guest (only checkpoints and restores run CRIU). Each process is
 /// pinned with a pidfd before its name is checked, so a pid reused meanwhile is never signalled.
+/// How long an answer after a deadline waits for CRIU to release the container (the host allows 30 s
+/// past the deadline for the answer).
+const CRIU_RELEASE_WAIT: Duration = Duration::from_secs(20);
+/// After this, a CRIU that still runs is killed (last resort).
+const CRIU_RELEASE_LAST: Duration = Duration::from_secs(600);
+
+/// Pids of running `criu` processes.
+fn criu_pids() -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == "criu").unwrap_or(false))
+        .collect()
+}
+
+/// Waits until no `criu` runs, at most `limit`; true when none does.
+async fn wait_criu_gone(limit: Duration) -> bool {
+    let since = std::time::Instant::now();
+    loop {
+        if criu_pids().is_empty() {
+            return true;
+        }
+        if since.elapsed() >= limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn kill_criu() {
     let Ok(entries) = fs::read_dir("/proc") else { return };
     for e in entries.flatten() {
