@@ -3,9 +3,11 @@
 set -euo pipefail
 log() { echo "[setup] $*" >&2; }
 need_apt=()
+# protoc: the tests' containerd gRPC client is generated at build time; iptables, tc, ip: CNI and the
+# shim's tap/redirect plumbing; nsenter, unshare: the network tests' private namespaces.
 for pair in qemu-system-x86_64:qemu-system-x86 cpio:cpio depmod:kmod readelf:binutils xz:xz-utils zstd:zstd \
             containerd:containerd runc:runc ctr:containerd socat:socat gcc:gcc \
-            criu:criu iptables:iptables tc:iproute2 ip:iproute2 nsenter:util-linux unshare:util-linux; do
+            criu:criu protoc:protobuf-compiler iptables:iptables tc:iproute2 ip:iproute2 nsenter:util-linux unshare:util-linux; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 [ -x /usr/lib/qemu/virtiofsd ] || need_apt+=(qemu-system-common)
