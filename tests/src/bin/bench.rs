@@ -367,7 +367,10 @@ async fn checkpoint_figures(c: &kata_rs_tests::containerd::Containerd) {
                 let _ = c.ctr(&["container", "rm", &rid]);
                 let _ = c.ctr(&["images", "rm", "--sync", &image]);
             }
-            c.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+            // (runc's task can be gone already after its checkpoint: a kill of a finished task fails.)
+            if !c.ctr(&["task", "kill", "-s", "SIGKILL", &id]).status.success() {
+                println!("# {tag}: the task had already ended when the bench went to kill it");
+            }
             c.wait_status(&id, "STOPPED", Duration::from_secs(60));
             let _ = c.ctr(&["task", "rm", &id]);
             let _ = c.ctr(&["container", "rm", &id]);
