@@ -58,7 +58,7 @@ integration-test: guest-image build
 # workloads (volumes, hooks), network (CNI; each test in namespaces of its own), hostile-guest, fault,
 # bad-input and load suites, and `make install` (installs into this machine, runs and checkpoints
 # through the installed files, uninstalls); against containerd 2.1 (Debian sid's, unpacked, not
-# installed): the containerd, checkpoint, workloads and network suites; against containerd 1.7
+# installed): the containerd, checkpoint, workloads, network and pods (CRI) suites; against containerd 1.7
 # (Debian 13's, unpacked): the containerd suite.
 # Each suite runs once: a failure fails `make test`.
 test: setup guest-image build
@@ -74,7 +74,7 @@ test: setup guest-image build
 	$(CARGO) test --release -p kata-rs-tests --test load -- --test-threads=1
 	$(CARGO) test --release -p kata-rs-tests --test install -- --test-threads=1
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd-debian.sh sid) \
-	  $(CARGO) test --release -p kata-rs-tests --test containerd --test checkpoint --test workloads --test network -- --test-threads=1
+	  $(CARGO) test --release -p kata-rs-tests --test containerd --test checkpoint --test workloads --test network --test pods -- --test-threads=1
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd-debian.sh trixie) \
 	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 

@@ -216,7 +216,9 @@ impl Process {
     pub async fn read(&self, stderr: bool, max: usize) -> Result<Vec<u8>> {
         let lock = if stderr { &self.stderr } else { &self.stdout };
         let mut g = lock.lock().await;
-        let Some(r) = g.as_mut() else { return Ok(Vec::new()) };
+        let Some(r) = g.as_mut() else {
+            return Ok(Vec::new());
+        };
         let mut buf = vec![0u8; max.clamp(1, 1 << 20)];
         let n = r.read(&mut buf).await.map_err(io("reading process output"))?;
         if n == 0 {
@@ -262,6 +264,29 @@ pub struct Container {
     pub netns: Option<String>,
 }
 
+/// Which pod a container is part of, and the namespaces it shares with the pod's sandbox container.
+#[derive(Debug, Default, Clone)]
+pub struct PodJoin {
+    pub sandbox_id: String,
+    pub namespaces: Vec<String>,
+}
+
+/// Points the spec's namespace of `kind` (when it lists one) at `path`. Returns whether it did.
+pub fn set_ns_path(spec: &mut Value, kind: &str, path: &str) -> bool {
+    let Some(nss) = spec.pointer_mut("/linux/namespaces").and_then(Value::as_array_mut) else {
+        return false;
+    };
+    for ns in nss.iter_mut() {
+        if ns.get("type").and_then(Value::as_str) == Some(kind) {
+            if let Some(o) = ns.as_object_mut() {
+                o.insert("path".into(), Value::String(path.into()));
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// virtio-fs and 9p mounts (mount point as the container sees it, fs type) from a mountinfo text.
 pub fn shared_fs_mounts(mountinfo: &str) -> Vec<(String, String)> {
     mountinfo
@@ -277,7 +302,9 @@ pub fn shared_fs_mounts(mountinfo: &str) -> Vec<(String, String)> {
 
 /// Destinations of the spec's bind mounts: runc hands each to CRIU as an external mount.
 pub fn spec_bind_destinations(spec: &Value) -> Vec<String> {
-    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else { return vec![] };
+    let Some(mounts) = spec.get("mounts").and_then(Value::as_array) else {
+        return vec![];
+    };
     mounts
         .iter()
         .filter(|m| {
@@ -391,15 +418,15 @@ impl Containers {
         if exec_id.is_empty() {
             return Ok(c.init.clone());
         }
-        c.execs
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| ContainerError::ProcessNotFound { id: id.into(), exec_id: exec_id.into() })
+        c.execs.get(exec_id).cloned().ok_or_else(|| ContainerError::ProcessNotFound { id: id.into(), exec_id: exec_id.into() })
     }
 
     /// Writes the bundle and, unless it will be restored from images, runs `runc create`.
-    pub async fn create(&self, id: &str, spec: &[u8], rootfs: &str, external_mounts: Vec<String>, for_restore: bool) -> Result<u32> {
+    pub async fn create(&self, id: &str, spec: &[u8], rootfs: &str, external_mounts: Vec<String>, for_restore: bool, pod: &PodJoin) -> Result<u32> {
         valid_id(id)?;
+        if !pod.sandbox_id.is_empty() {
+            valid_id(&pod.sandbox_id)?;
+        }
         if self.map.lock().await.contains_key(id) {
             return Err(ContainerError::Exists(id.into()));
         }
@@ -411,9 +438,18 @@ impl Containers {
         obj.insert("root".into(), serde_json::json!({"path": rootfs, "readonly": false}));
         let linux = obj.entry("linux").or_insert_with(|| serde_json::json!({}));
         if let Some(l) = linux.as_object_mut() {
-            l.insert("cgroupsPath".into(), Value::String(format!("/kata-rs/{id}")));
+            // A pod's containers in cgroups under the pod's (the sandbox container's too).
+            let path = if pod.sandbox_id.is_empty() { format!("/kata-rs/{id}") } else { format!("/kata-rs/{}/{id}", pod.sandbox_id) };
+            l.insert("cgroupsPath".into(), Value::String(path));
         }
-        let wants_netns = spec.pointer("/linux/namespaces").and_then(Value::as_array).is_some_and(|a| a.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("network")));
+        let joins_pod = !pod.sandbox_id.is_empty() && pod.sandbox_id != id;
+        if joins_pod {
+            self.join_sandbox_namespaces(&mut spec, pod).await?;
+        }
+        let wants_netns = spec
+            .pointer("/linux/namespaces")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("network")));
         if for_restore {
             // The restored container has new addresses: its established TCP connections come back
             // closed (CRIU's tcp-close; runc takes CRIU options from this file), listeners listen.
@@ -427,9 +463,18 @@ impl Containers {
         }
         let bundle = Path::new(CONTAINERS_DIR).join(id);
         fs::create_dir_all(&bundle).map_err(io("creating the bundle"))?;
-        let netns = if wants_netns {
-            let path = network::create_netns(&self.reaper, id).await.map_err(|e| ContainerError::Runc { what: "creating the network namespace".into(), detail: e })?;
-            network::set_netns_path(&mut spec, &path);
+        let netns = if wants_netns && joins_pod && pod.namespaces.iter().any(|n| n == "network") {
+            // The pod's namespace (made for its sandbox container): joined, not owned.
+            let path = format!("{}/{}", network::NETNS_DIR, pod.sandbox_id);
+            if !Path::new(&path).exists() {
+                return Err(ContainerError::Invalid(format!("the network namespace of pod {} is gone (its sandbox container was removed?)", pod.sandbox_id)));
+            }
+            set_ns_path(&mut spec, "network", &path);
+            None
+        } else if wants_netns {
+            let path =
+                network::create_netns(&self.reaper, id).await.map_err(|e| ContainerError::Runc { what: "creating the network namespace".into(), detail: e })?;
+            set_ns_path(&mut spec, "network", &path);
             Some(id.to_string())
         } else {
             None
@@ -474,18 +519,29 @@ impl Containers {
             None
         };
         let pid = init.pid();
-        let c = Container {
-            bundle,
-            init: Arc::new(init),
-            execs: HashMap::new(),
-            status: Status::Created,
-            pending_stdio: pending,
-            external_mounts,
-            netns,
-        };
+        let c = Container { bundle, init: Arc::new(init), execs: HashMap::new(), status: Status::Created, pending_stdio: pending, external_mounts, netns };
         self.map.lock().await.insert(id.into(), Arc::new(Mutex::new(c)));
         info!(id, for_restore, pid, "container created");
         Ok(pid)
+    }
+
+    /// Points the IPC, UTS and PID namespaces a pod container shares (the shim says which: their host
+    /// paths named the sandbox's) at the sandbox init's namespaces in this guest.
+    async fn join_sandbox_namespaces(&self, spec: &mut Value, pod: &PodJoin) -> Result<()> {
+        let kinds: Vec<&str> = pod.namespaces.iter().map(String::as_str).filter(|k| matches!(*k, "ipc" | "uts" | "pid")).collect();
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        let sandbox =
+            self.get(&pod.sandbox_id).await.map_err(|_| ContainerError::Invalid(format!("pod {}: its sandbox container is not in this VM", pod.sandbox_id)))?;
+        let pid = sandbox.lock().await.init.pid();
+        if pid == 0 {
+            return Err(ContainerError::Invalid(format!("pod {}: its sandbox container has no process", pod.sandbox_id)));
+        }
+        for k in kinds {
+            set_ns_path(spec, k, &format!("/proc/{pid}/ns/{k}"));
+        }
+        Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<u32> {
@@ -804,7 +860,9 @@ const CRIU_RELEASE_LAST: Duration = Duration::from_secs(600);
 
 /// Pids of running `criu` processes.
 fn criu_pids() -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
@@ -827,9 +885,13 @@ async fn wait_criu_gone(limit: Duration) -> bool {
 }
 
 fn kill_criu() {
-    let Ok(entries) = fs::read_dir("/proc") else { return };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
     for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
@@ -855,10 +917,9 @@ fn with_criu_log(e: ContainerError, work: &str, name: &str) -> ContainerError {
         tail = lines[lines.len().saturating_sub(5)..].join("\n");
     }
     match e {
-        ContainerError::Runc { what, detail } => ContainerError::Runc {
-            what,
-            detail: format!("{detail}\nCRIU errors:\n{tail}\nCRIU log (guest): {}", path.display()),
-        },
+        ContainerError::Runc { what, detail } => {
+            ContainerError::Runc { what, detail: format!("{detail}\nCRIU errors:\n{tail}\nCRIU log (guest): {}", path.display()) }
+        }
         other => other,
     }
 }
@@ -872,6 +933,18 @@ fn read_pid(p: &Path) -> Result<u32> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_spec_joins_the_named_namespace() {
+        let mut s = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}]}});
+        assert!(set_ns_path(&mut s, "network", "/run/netns/c1"));
+        assert!(set_ns_path(&mut s, "ipc", "/proc/7/ns/ipc"));
+        assert_eq!(s["linux"]["namespaces"][1]["path"], "/run/netns/c1");
+        assert_eq!(s["linux"]["namespaces"][2]["path"], "/proc/7/ns/ipc");
+        assert!(s["linux"]["namespaces"][0].get("path").is_none());
+        let mut none = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        assert!(!set_ns_path(&mut none, "network", "/run/netns/c1"));
+    }
+
     const MOUNTINFO: &str = "\
 2190 2150 0:27 /c1/rootfs / rw,relatime - virtiofs kataShared rw
 2191 2190 0:60 / /proc rw,nosuid - proc proc rw
@@ -883,10 +956,7 @@ mod tests {
     #[test]
     fn finds_virtiofs_and_9p_mounts() {
         let m = shared_fs_mounts(MOUNTINFO);
-        assert_eq!(
-            m,
-            vec![("/".into(), "virtiofs".into()), ("/data".into(), "virtiofs".into()), ("/mnt/my share".into(), "9p".into())]
-        );
+        assert_eq!(m, vec![("/".into(), "virtiofs".into()), ("/data".into(), "virtiofs".into()), ("/mnt/my share".into(), "9p".into())]);
     }
 
     #[test]

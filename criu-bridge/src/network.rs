@@ -42,20 +42,6 @@ pub async fn delete_netns(reaper: &Arc<Reaper>, id: &str) {
     }
 }
 
-/// Points the spec's network namespace (if it asks for one) at `path`. Returns whether it did.
-pub fn set_netns_path(spec: &mut Value, path: &str) -> bool {
-    let Some(nss) = spec.pointer_mut("/linux/namespaces").and_then(Value::as_array_mut) else { return false };
-    for ns in nss.iter_mut() {
-        if ns.get("type").and_then(Value::as_str) == Some("network") {
-            if let Some(o) = ns.as_object_mut() {
-                o.insert("path".into(), Value::String(path.into()));
-                return true;
-            }
-        }
-    }
-    false
-}
-
 /// The link with `mac` (name), in namespace `ns` or in the guest's own when `ns` is None.
 async fn link_with_mac(reaper: &Arc<Reaper>, ns: Option<&str>, mac: &str) -> Result<Option<String>, String> {
     let out = match ns {
@@ -104,7 +90,13 @@ pub fn validate(req: &UpdateNetworkRequest) -> Result<(), String> {
         let dest_ok = r.dest == "default" || valid_cidr(&r.dest) || r.dest.parse::<std::net::IpAddr>().is_ok();
         let gw_ok = r.gateway.is_empty() || r.gateway.parse::<std::net::IpAddr>().is_ok();
         let src_ok = r.source.is_empty() || r.source.parse::<std::net::IpAddr>().is_ok();
-        if !dest_ok || !gw_ok || !src_ok || !req.interfaces.iter().any(|i| i.name == r.device) || !matches!(r.scope.as_str(), "" | "link" | "global") || !matches!(r.family, 4 | 6) {
+        if !dest_ok
+            || !gw_ok
+            || !src_ok
+            || !req.interfaces.iter().any(|i| i.name == r.device)
+            || !matches!(r.scope.as_str(), "" | "link" | "global")
+            || !matches!(r.family, 4 | 6)
+        {
             return Err(format!("route {} via {:?} dev {}: invalid", r.dest, r.gateway, r.device));
         }
     }
@@ -173,7 +165,13 @@ mod tests {
     fn req() -> UpdateNetworkRequest {
         UpdateNetworkRequest {
             container_id: "c".into(),
-            interfaces: vec![Interface { name: "eth0".into(), mac: "0a:58:0a:58:00:05".into(), mtu: 1500, addresses: vec!["10.88.0.5/16".into()], ..Default::default() }],
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: "0a:58:0a:58:00:05".into(),
+                mtu: 1500,
+                addresses: vec!["10.88.0.5/16".into()],
+                ..Default::default()
+            }],
             routes: vec![Route { dest: "default".into(), gateway: "10.88.0.1".into(), device: "eth0".into(), family: 4, ..Default::default() }],
             ..Default::default()
         }
@@ -194,14 +192,5 @@ mod tests {
         let mut r = req();
         r.interfaces[0].mtu = 10;
         assert!(validate(&r).is_err());
-    }
-
-    #[test]
-    fn the_spec_joins_the_named_namespace() {
-        let mut s = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network"}]}});
-        assert!(set_netns_path(&mut s, "/run/netns/c1"));
-        assert_eq!(s["linux"]["namespaces"][1]["path"], "/run/netns/c1");
-        let mut none = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
-        assert!(!set_netns_path(&mut none, "/run/netns/c1"));
     }
 }

@@ -1,6 +1,6 @@
 //! The ttrpc service: protocol requests mapped onto [`Containers`] and guest tools.
-use tracing::info;
 use std::{path::Path, sync::Arc, time::Duration};
+use tracing::info;
 
 use agent_client::{agent::*, agent_ttrpc};
 use async_trait::async_trait;
@@ -84,7 +84,14 @@ impl agent_ttrpc::Agent for AgentService {
         info!(id = %req.container_id, for_restore = req.for_restore, "CreateContainer received");
         let pid = self
             .containers
-            .create(&req.container_id, &req.oci_spec, &req.rootfs, req.external_mounts.clone(), req.for_restore)
+            .create(
+                &req.container_id,
+                &req.oci_spec,
+                &req.rootfs,
+                req.external_mounts.clone(),
+                req.for_restore,
+                &crate::container::PodJoin { sandbox_id: req.sandbox_id.clone(), namespaces: req.sandbox_namespaces.clone() },
+            )
             .await
             .map_err(status)?;
         Ok(StartResponse { pid, ..Default::default() })
@@ -115,12 +122,7 @@ impl agent_ttrpc::Agent for AgentService {
         let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
         let e = p.wait().await;
         let since = e.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Ok(WaitProcessResponse {
-            exit_status: e.code,
-            exited_at_s: since.as_secs() as i64,
-            exited_at_ns: since.subsec_nanos(),
-            ..Default::default()
-        })
+        Ok(WaitProcessResponse { exit_status: e.code, exited_at_s: since.as_secs() as i64, exited_at_ns: since.subsec_nanos(), ..Default::default() })
     }
 
     async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
@@ -210,9 +212,8 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn read_file_tail(&self, _ctx: &TtrpcContext, req: ReadFileTailRequest) -> ttrpc::Result<ReadFileTailResponse> {
-        let (data, file_size) = read_tail(Path::new(&req.path), req.max_bytes.min(MAX_TAIL)).map_err(|e| {
-            ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, e))
-        })?;
+        let (data, file_size) =
+            read_tail(Path::new(&req.path), req.max_bytes.min(MAX_TAIL)).map_err(|e| ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, e)))?;
         Ok(ReadFileTailResponse { data, file_size, ..Default::default() })
     }
 }

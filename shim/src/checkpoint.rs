@@ -10,7 +10,10 @@ use tracing::warn;
 
 use crate::safefs::{self, Copied, Dir, Limits, SafeFsError};
 
-use containerd_shim::protos::{protobuf::{well_known_types::any::Any, Message}, shim::oci::CheckpointOptions};
+use containerd_shim::protos::{
+    protobuf::{well_known_types::any::Any, Message},
+    shim::oci::CheckpointOptions,
+};
 
 /// containerd's type for runc checkpoint options (with or without the type URL prefix).
 pub const RUNC_OPTIONS_TYPE: &str = "containerd.runc.v1.CheckpointOptions";
@@ -56,7 +59,9 @@ impl From<CheckpointError> for containerd_shim::protos::ttrpc::Error {
 /// Decodes the Checkpoint request's options: absent, or runc's CheckpointOptions.
 pub fn parse_options(any: Option<&Any>) -> Result<Options, CheckpointError> {
     use CheckpointError::Options as Bad;
-    let Some(any) = any else { return Ok(Options::default()) };
+    let Some(any) = any else {
+        return Ok(Options::default());
+    };
     if any.type_url.is_empty() && any.value.is_empty() {
         return Ok(Options::default());
     }
@@ -88,7 +93,9 @@ const MAX_DEADLINE_S: u64 = 24 * 3600;
 
 /// The deadline for this container: the annotation's value when set (validated), else `default_s`.
 pub fn deadline_from_spec(spec: &serde_json::Value, default_s: u64) -> Result<u64, CheckpointError> {
-    let Some(v) = spec.pointer("/annotations").and_then(|a| a.get(DEADLINE_ANNOTATION)) else { return Ok(default_s) };
+    let Some(v) = spec.pointer("/annotations").and_then(|a| a.get(DEADLINE_ANNOTATION)) else {
+        return Ok(default_s);
+    };
     let s = v.as_str().unwrap_or_default();
     match s.trim().parse::<u64>() {
         Ok(n) if (1..=MAX_DEADLINE_S).contains(&n) => Ok(n),
@@ -153,6 +160,11 @@ pub fn check_target_dir(dir: &Path) -> Result<(), CheckpointError> {
 pub const CHECKPOINT_DIR: &str = ".checkpoints";
 pub const RESTORE_DIR: &str = ".restore-images";
 
+/// The restore staging directory of container `cid` (a pod's containers may restore at once).
+pub fn restore_dir(cid: &str) -> String {
+    format!("{RESTORE_DIR}-{cid}")
+}
+
 /// Bounds of a set of CRIU images moved through the shared directory: bytes as given, a flat
 /// directory (one level of tolerance) of at most 20000 entries.
 pub fn image_limits(max_bytes: u64) -> Limits {
@@ -178,9 +190,9 @@ impl Staging {
         Ok(Staging { parent, name, dir })
     }
 
-    /// Creates `.restore-images` below the pinned shared directory (refused if the guest made one).
-    pub fn for_restore(shared: &Dir) -> Result<Staging, SafeFsError> {
-        let name = OsString::from(RESTORE_DIR);
+    /// Creates `.restore-images-<cid>` below the pinned shared directory (refused if the guest made one).
+    pub fn for_restore(shared: &Dir, cid: &str) -> Result<Staging, SafeFsError> {
+        let name = OsString::from(restore_dir(cid));
         let dir = shared.create_dir(&name, 0o755)?;
         let parent = shared.try_clone()?;
         Ok(Staging { parent, name, dir })
@@ -245,7 +257,14 @@ mod tests {
         assert_eq!(d(&serde_json::json!({"annotations": {"other": "1"}}), 600), Ok(600));
         assert_eq!(d(&with("1".into()), 600), Ok(1));
         assert_eq!(d(&with(" 90 ".into()), 600), Ok(90));
-        for bad in [serde_json::json!("0"), serde_json::json!("-1"), serde_json::json!("1.5"), serde_json::json!("ten"), serde_json::json!(5), serde_json::json!("86401")] {
+        for bad in [
+            serde_json::json!("0"),
+            serde_json::json!("-1"),
+            serde_json::json!("1.5"),
+            serde_json::json!("ten"),
+            serde_json::json!(5),
+            serde_json::json!("86401"),
+        ] {
             let e = d(&with(bad.clone()), 600).unwrap_err().to_string();
             assert!(e.contains(super::DEADLINE_ANNOTATION) && e.contains("seconds"), "{bad}: {e}");
         }
@@ -314,8 +333,8 @@ mod tests {
         assert!(fs::read_dir(shared.join("moved")).unwrap().next().is_none());
         assert_eq!(fs::read(canary.join("secret")).unwrap(), b"secret");
         // .restore-images made by the guest is refused.
-        std::os::unix::fs::symlink(&canary, shared.join(RESTORE_DIR)).unwrap();
-        assert!(Staging::for_restore(&d).err().unwrap().to_string().contains("already exists"));
+        std::os::unix::fs::symlink(&canary, shared.join(restore_dir("c1"))).unwrap();
+        assert!(Staging::for_restore(&d, "c1").err().unwrap().to_string().contains("already exists"));
         let _ = fs::remove_dir_all(&shared);
         let _ = fs::remove_dir_all(&canary);
     }

@@ -91,12 +91,14 @@ struct OpenHow {
 }
 
 fn openat2(dirfd: &impl AsFd, name: &CStr, flags: i32, mode: u32) -> std::result::Result<OwnedFd, Errno> {
-    let how = OpenHow { flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64, mode: mode as u64, resolve: RESOLVE };
+    openat2_resolve(dirfd, name, flags, mode, RESOLVE)
+}
+
+fn openat2_resolve(dirfd: &impl AsFd, name: &CStr, flags: i32, mode: u32, resolve: u64) -> std::result::Result<OwnedFd, Errno> {
+    let how = OpenHow { flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64, mode: mode as u64, resolve };
     loop {
         // SAFETY: valid dirfd, NUL-terminated name, and an open_how of the size passed.
-        let r = unsafe {
-            libc::syscall(libc::SYS_openat2, dirfd.as_fd().as_raw_fd(), name.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
-        };
+        let r = unsafe { libc::syscall(libc::SYS_openat2, dirfd.as_fd().as_raw_fd(), name.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>()) };
         if r >= 0 {
             // SAFETY: the kernel returned a new descriptor that nothing else owns.
             return Ok(unsafe { OwnedFd::from_raw_fd(r as i32) });
@@ -141,8 +143,13 @@ impl Dir {
     /// Opens a directory the host owns (a path no guest can change), refusing a symlink as its last
     /// component. Everything below it is then reached through the descriptor only.
     pub fn open_host(path: &Path) -> Result<Dir> {
-        let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| if e == Errno::ELOOP || e == Errno::ENOTDIR { SafeFsError::Refused { path: path.display().to_string(), why: "not a directory (a symlink?)".into() } } else { io_err(path, e) })?;
+        let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| {
+            if e == Errno::ELOOP || e == Errno::ENOTDIR {
+                SafeFsError::Refused { path: path.display().to_string(), why: "not a directory (a symlink?)".into() }
+            } else {
+                io_err(path, e)
+            }
+        })?;
         // SAFETY: `open` returned a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Dir { fd, path: path.to_path_buf() })
@@ -155,6 +162,27 @@ impl Dir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The magic link of this directory's descriptor: as a mount target it is this very directory,
+    /// whatever name the guest gave it since it was opened.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
+    /// An `O_PATH` descriptor of the root of the mount on child `name` (a single component, no symlink
+    /// followed); refused unless it is another filesystem than this directory's, i.e. a mount the host
+    /// made there. Unmounting through its magic link unmounts exactly that mount.
+    pub fn open_mount_root(&self, name: &OsStr) -> Result<OwnedFd> {
+        let c = component(&self.path, name)?;
+        let path = self.path.join(name);
+        let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        let fd = openat2_resolve(&self.fd, &c, libc::O_PATH, 0, resolve).map_err(|e| open_refusal(&path, e))?;
+        let st = fstat(fd.as_raw_fd()).map_err(|e| io_err(&path, e))?;
+        if st.st_dev == self.stat()?.st_dev {
+            return Err(SafeFsError::Refused { path: path.display().to_string(), why: "it is not the mount the host made there".into() });
+        }
+        Ok(fd)
     }
 
     pub fn stat(&self) -> Result<FileStat> {
@@ -370,7 +398,10 @@ fn copy_level(src: &Dir, dst: &Dir, l: &Limits, c: &mut Copied, entries: &mut u6
                 copy_bounded(&mut r, &mut w, &from, &dst.path.join(&name), l.max_bytes, &mut c.bytes)?;
             }
             k => {
-                return Err(SafeFsError::Refused { path: from.display().to_string(), why: format!("it is {}; only regular files and directories are copied", kind_name(k)) });
+                return Err(SafeFsError::Refused {
+                    path: from.display().to_string(),
+                    why: format!("it is {}; only regular files and directories are copied", kind_name(k)),
+                });
             }
         }
     }

@@ -77,6 +77,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The shared directory, pinned.
+    pub fn shared(&self) -> &Dir {
+        &self.shared
+    }
+
     /// Unmounts the shared directory and removes the sandbox directory (a failed create).
     pub fn discard(self) {
         remove_sandbox_dir(&self.dir);
@@ -92,7 +97,7 @@ pub fn shared_dir_bytes(guest_mem_mib: u64) -> u64 {
 /// Files and directories the guest may create in its shared directory.
 pub const SHARED_DIR_INODES: u64 = 65536;
 
-/// Mounts a private tmpfs on `shared` (size and inodes bounded; no devices, setuid or exec from it), so
+/// Mounts a tmpfs on `shared` (size and inodes bounded; no devices, setuid or exec from it), so
 /// that what the guest writes there is bounded and goes away with one unmount, no walk.
 fn mount_shared(shared: &Path, bytes: u64) -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
@@ -100,7 +105,10 @@ fn mount_shared(shared: &Path, bytes: u64) -> Result<(), String> {
     crate::mounts::unmount_if_mounted(shared);
     let opts = format!("size={bytes},nr_inodes={SHARED_DIR_INODES},mode=0755");
     mount(Some("kata-rs-shared"), shared, Some("tmpfs"), MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(opts.as_str()))
-        .map_err(|e| format!("mounting a tmpfs ({opts}): {e}"))
+        .map_err(|e| format!("mounting a tmpfs ({opts}): {e}"))?;
+    // A shared mount: virtiofsd's copy of it (a slave, in its own mount namespace) then receives the
+    // mounts made below it later, a pod's next containers.
+    mount(None::<&str>, shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(|e| format!("making {} a shared mount: {e}", shared.display()))
 }
 
 /// The last lines of a console log, for error messages.
@@ -197,11 +205,8 @@ impl Sandbox {
                 Ok(a) => break a,
                 Err(e) => {
                     if let Some(status) = vm.qemu_exited() {
-                        let err = SandboxError::QemuDied {
-                            status: status.to_string(),
-                            console: vm.console_log().display().to_string(),
-                            tail: console_tail(&vm),
-                        };
+                        let err =
+                            SandboxError::QemuDied { status: status.to_string(), console: vm.console_log().display().to_string(), tail: console_tail(&vm) };
                         vm.shutdown().await;
                         return Err(err);
                     }

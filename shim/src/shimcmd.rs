@@ -41,6 +41,22 @@ pub fn cleanup_after_dead_shim(config: &Config, id: &str, bundle: &std::path::Pa
     killed
 }
 
+/// The id a container's shim is grouped by: its pod's sandbox id (CRI's annotations in the bundle's
+/// config.json), else its own. A bundle that cannot be read groups by the container's id; Create
+/// then reports what is wrong with it.
+pub fn grouping_of(bundle: &std::path::Path, id: &str) -> String {
+    let Ok(raw) = std::fs::read(bundle.join("config.json")) else {
+        return id.to_string();
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+        return id.to_string();
+    };
+    match crate::spec::pod_role(&spec, id) {
+        Ok(role) => role.group(id).to_string(),
+        Err(_) => id.to_string(),
+    }
+}
+
 #[async_trait]
 impl Shim for KataShim {
     type T = TaskService;
@@ -51,8 +67,11 @@ impl Shim for KataShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim (and one VM) per container.
-        let grouping = opts.id.clone();
+        // One shim (and one VM) per container, or per pod: a pod's containers are grouped by their
+        // sandbox id, so the address of the sandbox's shim is given for them (a second shim started
+        // on that address finds it serving and leaves).
+        // Nothing is logged here: containerd reads this command's stdout and stderr together as the address.
+        let grouping = grouping_of(&self.bundle, &opts.id);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         write_str_to_file("address", &address).await?;
         Ok(address)

@@ -52,6 +52,92 @@ pub fn network_namespace(spec: &Value) -> vmm::Netns {
     }
 }
 
+/// containerd's CRI plugin marks a pod's containers: the type (`sandbox` for the pod's pause
+/// container, `container` for the others) and the pod's sandbox id.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The pod's resources as containerd's CRI gives them to the sandbox (bytes; microseconds).
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// Where a container runs: in a VM of its own, as a pod's sandbox (it boots the pod's VM), or as one
+/// of a pod's other containers (in the VM its sandbox booted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    Own,
+    Sandbox(String),
+    Container(String),
+}
+
+impl PodRole {
+    /// The id this shim and its VM are grouped by: the pod's sandbox id, else the container's own.
+    pub fn group<'a>(&'a self, id: &'a str) -> &'a str {
+        match self {
+            PodRole::Own => id,
+            PodRole::Sandbox(s) | PodRole::Container(s) => s,
+        }
+    }
+}
+
+fn annotation<'a>(spec: &'a Value, key: &str) -> Option<&'a str> {
+    spec.pointer("/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
+}
+
+/// A sandbox id as containerd makes them (and as a file name and socket key can hold).
+fn valid_sandbox_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) && !id.starts_with('.')
+}
+
+/// The container's role from CRI's annotations; a sandbox's own id must be its sandbox id.
+pub fn pod_role(spec: &Value, id: &str) -> Result<PodRole, SpecError> {
+    let typ = annotation(spec, CRI_CONTAINER_TYPE);
+    let sid = annotation(spec, CRI_SANDBOX_ID);
+    let sid_ok = |s: Option<&str>| -> Result<String, SpecError> {
+        let s = s.ok_or_else(|| SpecError::Invalid(format!("annotation {CRI_CONTAINER_TYPE} without {CRI_SANDBOX_ID}")))?;
+        if !valid_sandbox_id(s) {
+            return Err(SpecError::Invalid(format!("annotation {CRI_SANDBOX_ID}: {s:?} is not a sandbox id")));
+        }
+        Ok(s.to_string())
+    };
+    match typ {
+        None => Ok(PodRole::Own),
+        Some("sandbox") => {
+            let s = sid_ok(sid)?;
+            if s != id {
+                return Err(SpecError::Invalid(format!("a pod's sandbox container {id} names another sandbox, {s}")));
+            }
+            Ok(PodRole::Sandbox(s))
+        }
+        Some("container") => {
+            let s = sid_ok(sid)?;
+            if s == id {
+                return Err(SpecError::Invalid(format!("container {id} names itself as its pod's sandbox")));
+            }
+            Ok(PodRole::Container(s))
+        }
+        Some(other) => Err(SpecError::Invalid(format!("annotation {CRI_CONTAINER_TYPE}: {other:?} is neither sandbox nor container"))),
+    }
+}
+
+/// A pod's VM size, Kata's static sizing: the configured base plus the pod's limits, which CRI gives
+/// the sandbox container (memory rounded up to MiB; vCPUs = quota / period rounded up). A pod without
+/// limits gets the base. Returns (memory MiB, vCPUs), bounded by `max_memory_mib` and `max_vcpus`.
+pub fn pod_size(spec: &Value, base_mib: u32, base_vcpus: u32, max_memory_mib: u32, max_vcpus: u32) -> Result<(u32, u32), SpecError> {
+    let num = |k: &str| -> Result<Option<i64>, SpecError> {
+        match annotation(spec, k) {
+            None | Some("") => Ok(None),
+            Some(v) => v.trim().parse::<i64>().map(Some).map_err(|_| SpecError::Invalid(format!("annotation {k}: {v:?} is not a number"))),
+        }
+    };
+    let mem = num(CRI_SANDBOX_MEMORY)?.filter(|m| *m > 0).map(|m| ((m as u64).div_ceil(1 << 20)).min(u32::MAX as u64) as u32).unwrap_or(0);
+    let cpus = match (num(CRI_SANDBOX_CPU_QUOTA)?, num(CRI_SANDBOX_CPU_PERIOD)?) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => ((q as u64).div_ceil(p as u64)).min(u32::MAX as u64) as u32,
+        _ => 0,
+    };
+    Ok((base_mib.saturating_add(mem).min(max_memory_mib.max(base_mib)), base_vcpus.saturating_add(cpus).min(max_vcpus.max(base_vcpus))))
+}
+
 /// Bind mounts per container: more is a mistake, not a workload.
 pub const MAX_VOLUMES: usize = 256;
 
@@ -91,7 +177,8 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
                 err.get_or_insert(SpecError::Invalid(format!("more than {MAX_VOLUMES} bind mounts")));
                 return false;
             }
-            let opts: Vec<String> = m.get("options").and_then(Value::as_array).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let opts: Vec<String> =
+                m.get("options").and_then(Value::as_array).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
             let shared_name = out.volumes.len().to_string();
             let guest_source = format!("{guest_container_dir}/volumes/{shared_name}");
             out.volumes.push(Volume {
@@ -128,6 +215,36 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn annotated(pairs: &[(&str, &str)]) -> Value {
+        let a: serde_json::Map<String, Value> = pairs.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
+        serde_json::json!({ "annotations": a })
+    }
+
+    #[test]
+    fn cri_annotations_give_the_pod_role() {
+        assert_eq!(pod_role(&serde_json::json!({}), "c1").unwrap(), PodRole::Own);
+        let sb = annotated(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "p1")]);
+        assert_eq!(pod_role(&sb, "p1").unwrap(), PodRole::Sandbox("p1".into()));
+        assert!(pod_role(&sb, "other").is_err(), "a sandbox names itself");
+        let c = annotated(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "p1")]);
+        assert_eq!(pod_role(&c, "c1").unwrap(), PodRole::Container("p1".into()));
+        assert_eq!(pod_role(&c, "c1").unwrap().group("c1"), "p1");
+        assert!(pod_role(&c, "p1").is_err());
+        assert!(pod_role(&annotated(&[(CRI_CONTAINER_TYPE, "container")]), "c1").is_err());
+        assert!(pod_role(&annotated(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "../x")]), "c1").is_err());
+        assert!(pod_role(&annotated(&[(CRI_CONTAINER_TYPE, "podsandbox"), (CRI_SANDBOX_ID, "p1")]), "p1").is_err());
+    }
+
+    #[test]
+    fn pod_size_is_base_plus_limits_bounded() {
+        assert_eq!(pod_size(&serde_json::json!({}), 2048, 1, 65536, 16).unwrap(), (2048, 1));
+        let s = annotated(&[(CRI_SANDBOX_MEMORY, "268435457"), (CRI_SANDBOX_CPU_QUOTA, "150000"), (CRI_SANDBOX_CPU_PERIOD, "100000")]);
+        assert_eq!(pod_size(&s, 2048, 1, 65536, 16).unwrap(), (2048 + 257, 3));
+        let huge = annotated(&[(CRI_SANDBOX_MEMORY, "9223372036854775807"), (CRI_SANDBOX_CPU_QUOTA, "-1"), (CRI_SANDBOX_CPU_PERIOD, "100000")]);
+        assert_eq!(pod_size(&huge, 2048, 1, 65536, 16).unwrap(), (65536, 1));
+        assert!(pod_size(&annotated(&[(CRI_SANDBOX_MEMORY, "lots")]), 2048, 1, 65536, 16).is_err());
+    }
 
     fn sample() -> Value {
         serde_json::json!({
@@ -215,7 +332,10 @@ mod tests {
         assert_eq!(network_namespace(&serde_json::json!({})), vmm::Netns::Inherit);
         assert_eq!(network_namespace(&with(serde_json::json!([{"type": "network"}]))), vmm::Netns::New);
         assert_eq!(network_namespace(&with(serde_json::json!([{"type": "network", "path": ""}]))), vmm::Netns::New);
-        assert_eq!(network_namespace(&with(serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-1"}]))), vmm::Netns::Path("/var/run/netns/cni-1".into()));
+        assert_eq!(
+            network_namespace(&with(serde_json::json!([{"type": "network", "path": "/var/run/netns/cni-1"}]))),
+            vmm::Netns::Path("/var/run/netns/cni-1".into())
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! containerd's task service (API v2) for one container in its own VM.
+//! containerd's task service (API v2): one VM per shim, holding one container (its own VM) or every
+//! container of a Kubernetes pod (the VM its sandbox container booted).
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -20,11 +21,14 @@ use containerd_shim::{
     },
     util::{convert_to_any, timestamp},
 };
-use tokio::{sync::{watch, Mutex}, task::JoinHandle};
+use tokio::{
+    sync::{watch, Mutex},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::{
-    checkpoint::{self, Staging, CHECKPOINT_DIR, RESTORE_DIR},
+    checkpoint::{self, Staging, CHECKPOINT_DIR},
     config::Config,
     error::TaskError,
     hooks, mounts, network,
@@ -116,10 +120,42 @@ impl Proc {
     }
 }
 
+/// The VM of this shim: one container's, or a pod's (booted by its sandbox container, joined by the
+/// pod's other containers, stopped when the last of them is deleted).
+struct PodVm {
+    /// The pod's sandbox id, or the id of the container the VM is for.
+    id: String,
+    /// A pod's VM: the pod's other containers may join it.
+    pod: bool,
+    sandbox: Sandbox,
+    /// Interfaces of QEMU's network namespace mirrored into the VM so far.
+    network: network::Network,
+    guest_mem_mib: u64,
+}
+
+/// Everything the shim holds, under one lock.
+#[derive(Default)]
+struct Shim {
+    vm: Option<PodVm>,
+    tasks: HashMap<String, TaskState>,
+    /// Checkpoints made in this VM so far: numbers their staging directories and logs.
+    checkpoints: u32,
+}
+
+impl Shim {
+    fn task_mut(&mut self, id: &str) -> Option<&mut TaskState> {
+        self.tasks.get_mut(id)
+    }
+}
+
 struct TaskState {
     id: String,
     bundle: PathBuf,
-    sandbox: Option<Sandbox>,
+    /// Own VM, pod sandbox, or one of a pod's containers.
+    role: spec::PodRole,
+    /// The container was taken out of the VM (agent's RemoveContainer, mounts undone): its Delete only
+    /// reports it.
+    released: bool,
     agent: AgentClient,
     init: Proc,
     execs: HashMap<String, Proc>,
@@ -136,7 +172,6 @@ struct TaskState {
     open_tcp: bool,
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
     restore_pending: bool,
-    checkpoints: u32,
     /// A checkpoint runs (without the lock): a second one and Delete are refused meanwhile.
     checkpointing: bool,
     /// Why the VM is gone, once it is (the watcher saw QEMU exit, a panic, a shutdown or a reset).
@@ -145,8 +180,6 @@ struct TaskState {
     /// The spec's OCI hooks (run on the host), and the spec parts their state needs.
     hooks: hooks::Hooks,
     hook_spec: serde_json::Value,
-    /// Interfaces of QEMU's network namespace mirrored into the VM so far.
-    network: network::Network,
 }
 
 impl TaskState {
@@ -165,10 +198,10 @@ impl TaskState {
 
 #[derive(Clone)]
 pub struct TaskService {
-    state: Arc<Mutex<Option<TaskState>>>,
-    /// The Create request while its VM boots (the state lock is not held meanwhile): State answers
-    /// "created" for it, a second Create is refused.
-    creating: Arc<std::sync::Mutex<Option<CreateTaskRequest>>>,
+    state: Arc<Mutex<Shim>>,
+    /// Create requests while their VM boots or their container is made (the state lock is not held
+    /// meanwhile): State answers "created" for them, a second Create of the same id is refused.
+    creating: Arc<std::sync::Mutex<HashMap<String, CreateTaskRequest>>>,
     publisher: Arc<RemotePublisher>,
     namespace: String,
     exit: Arc<ExitSignal>,
@@ -176,17 +209,17 @@ pub struct TaskService {
 
 impl TaskService {
     pub fn new(publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
-        TaskService { state: Arc::new(Mutex::new(None)), creating: Arc::default(), publisher: Arc::new(publisher), namespace, exit }
+        TaskService { state: Arc::new(Mutex::new(Shim::default())), creating: Arc::default(), publisher: Arc::new(publisher), namespace, exit }
     }
 
-    fn creating_lock(&self) -> std::sync::MutexGuard<'_, Option<CreateTaskRequest>> {
+    fn creating_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CreateTaskRequest>> {
         self.creating.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The error for a call on a task this shim does not hold: "being created" while its VM boots (so
     /// that containerd does not take it for gone), else not found.
     fn no_task(&self, id: &str) -> ttrpc::Error {
-        if self.creating_lock().as_ref().is_some_and(|c| c.id == id) {
+        if self.creating_lock().contains_key(id) {
             TaskError::precondition(format!("task {id} is being created (its VM is booting); try again when Create has returned"))
         } else {
             TaskError::not_found(format!("task {id} not found"))
@@ -213,23 +246,23 @@ impl TaskService {
             };
             let io = {
                 let mut g = me.state.lock().await;
-                let Some(st) = g.as_mut() else { return };
+                let Some(st) = g.task_mut(&cid) else { return };
                 let Ok(p) = st.proc_mut(&exec_id) else { return };
                 std::mem::take(&mut p.io)
             };
             for h in io {
                 let _ = tokio::time::timeout(IO_DRAIN, h).await;
             }
-            me.record_exit(&exec_id, code).await;
+            me.record_exit(&cid, &exec_id, code).await;
         });
     }
 
     /// Records a process's exit and publishes it, once: whichever of its waiter and the VM watcher
     /// comes first reports it.
-    async fn record_exit(&self, exec_id: &str, code: u32) {
+    async fn record_exit(&self, cid: &str, exec_id: &str, code: u32) {
         let (cid, host_pid, ts) = {
             let mut g = self.state.lock().await;
-            let Some(st) = g.as_mut() else { return };
+            let Some(st) = g.task_mut(cid) else { return };
             let (cid, host_pid) = (st.id.clone(), st.host_pid);
             let Ok(p) = st.proc_mut(exec_id) else { return };
             if p.exit_rx.borrow().is_some() {
@@ -242,7 +275,11 @@ impl TaskService {
         };
         info!(cid, exec_id, code, "process exited");
         let id = if exec_id.is_empty() { cid.clone() } else { exec_id.to_string() };
-        self.publish(TASK_EXIT_EVENT_TOPIC, Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() })).await;
+        self.publish(
+            TASK_EXIT_EVENT_TOPIC,
+            Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }),
+        )
+        .await;
     }
 
     /// Waits for the sandbox's VM to go away by itself (not a stop the shim asked for): every process of
@@ -260,65 +297,44 @@ impl TaskService {
             };
             let (ids, tail) = {
                 let mut g = me.state.lock().await;
-                let Some(st) = g.as_mut() else { return };
-                st.vm_gone = Some(reason.clone());
                 let live = |p: &Proc| matches!(p.status, PStatus::Running | PStatus::Paused | PStatus::Starting | PStatus::Restoring);
-                let mut ids: Vec<String> = st.execs.iter().filter(|(_, p)| live(p)).map(|(k, _)| k.clone()).collect();
-                if live(&st.init) {
-                    ids.push(String::new());
+                let mut ids: Vec<(String, String)> = vec![];
+                for st in g.tasks.values_mut() {
+                    st.vm_gone = Some(reason.clone());
+                    ids.extend(st.execs.iter().filter(|(_, p)| live(p)).map(|(k, _)| (st.id.clone(), k.clone())));
+                    if live(&st.init) {
+                        ids.push((st.id.clone(), String::new()));
+                    }
                 }
-                (ids, st.sandbox.as_ref().map(|s| s.vm.console_tail(2000)).unwrap_or_default())
+                (ids, g.vm.as_ref().map(|v| v.sandbox.vm.console_tail(2000)).unwrap_or_default())
             };
             warn!(reason, processes = ids.len(), console_tail = %tail, "the VM is gone: its processes are reported exited ({VM_GONE_STATUS}); the guest console's end follows");
-            for id in ids {
-                me.record_exit(&id, VM_GONE_STATUS).await;
+            for (cid, exec_id) in ids {
+                me.record_exit(&cid, &exec_id, VM_GONE_STATUS).await;
             }
         });
     }
 
-    async fn create_inner(&self, req: &CreateTaskRequest) -> ttrpc::Result<TaskState> {
-        let restore = !req.checkpoint.is_empty();
-        if restore && !Path::new(&req.checkpoint).join("inventory.img").is_file() {
-            return Err(TaskError::invalid(format!("checkpoint {} holds no CRIU images (no inventory.img)", req.checkpoint)));
+    /// A new VM for a container of its own or a pod's sandbox container: the sandbox directory, the
+    /// container's mounts, the boot, then the container in it and the namespace's interfaces.
+    async fn create_with_vm(&self, req: &CreateTaskRequest, c: Parsed) -> ttrpc::Result<(PodVm, TaskState)> {
+        let mut config = c.config.clone();
+        if let spec::PodRole::Sandbox(_) = c.role {
+            let h = &config.hypervisor;
+            let (mem, cpus) = spec::pod_size(&c.spec_json, h.memory_mib, h.vcpus, MAX_POD_MEMORY_MIB, MAX_POD_VCPUS)
+                .map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
+            info!(memory_mib = mem, vcpus = cpus, base_memory_mib = h.memory_mib, base_vcpus = h.vcpus, "pod VM size: the base plus the pod's limits");
+            config.hypervisor.memory_mib = mem;
+            config.hypervisor.vcpus = cpus;
         }
-        let explicit = match req.options.as_ref() {
-            Some(o) => crate::config::config_path_from_options(&o.type_url, &o.value).map_err(|e| TaskError::invalid(e))?,
-            None => None,
-        };
-        let config = Config::discover(explicit.as_deref()).map_err(|e| TaskError::invalid(e.to_string()))?;
-        let bundle = PathBuf::from(&req.bundle);
-        if let Some(p) = &explicit {
-            std::fs::write(bundle.join(crate::shimcmd::CONFIG_PATH_FILE), p.as_os_str().as_encoded_bytes())
-                .map_err(|e| TaskError::internal(format!("{}: {e}", bundle.display())))?;
-        }
-        let raw = std::fs::read(bundle.join("config.json")).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
-        let adapted = spec::adapt_for_guest(&raw, &format!("{GUEST_SHARED}/{}", req.id)).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
-        let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
-        let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s)?;
-        let open_tcp = checkpoint::open_tcp_from_spec(&spec_json)?;
-        let hooks = hooks::Hooks::from_spec(&spec_json).map_err(|e| TaskError::invalid(format!("{}/config.json: {e}", req.bundle)))?;
-        if !hooks.not_run.is_empty() {
-            warn!(hooks = ?hooks.not_run, "these hooks would run in the container's namespaces, which are in the VM: not run");
-        }
-        let hook_spec = serde_json::json!({"ociVersion": spec_json.get("ociVersion"), "annotations": spec_json.get("annotations")});
-        if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
-            warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, "host-only parts of the spec are not available in the VM");
-        }
-        let mut prepared = Sandbox::prepare(&config, &req.id).map_err(|e| TaskError::internal(e.to_string()))?;
-        prepared.netns = spec::network_namespace(&spec_json);
+        let mut prepared = Sandbox::prepare(&config, c.role.group(&req.id)).map_err(|e| TaskError::internal(e.to_string()))?;
+        prepared.netns = spec::network_namespace(&c.spec_json);
         info!(netns = ?prepared.netns, "QEMU's network namespace");
-        if !adapted.volumes.is_empty() {
-            info!(volumes = ?adapted.volumes.iter().map(|v| (&v.source, &v.destination, v.readonly)).collect::<Vec<_>>(), "volumes (host bind mounts) shared with the VM");
-        }
-        let mounts = match mounts::ContainerMounts::setup(&bundle, &req.rootfs, &adapted.volumes, &prepared.shared_dir, &req.id) {
+        let mounts = match mounts::ContainerMounts::setup(&c.bundle, &req.rootfs, &c.adapted.volumes, prepared.shared(), &req.id) {
             Ok(m) => m,
-            Err(e @ mounts::MountError::VolumeSource { .. }) => {
-                prepared.discard();
-                return Err(TaskError::invalid(e.to_string()));
-            }
             Err(e) => {
                 prepared.discard();
-                return Err(TaskError::internal(e.to_string()));
+                return Err(mount_err(e));
             }
         };
         let sandbox = match Sandbox::boot(&config, prepared).await {
@@ -328,16 +344,68 @@ impl TaskService {
                 return Err(TaskError::internal(e.to_string()));
             }
         };
-        let agent = sandbox.agent.clone();
+        let (agent, shared, qemu_pid, mem) = (sandbox.agent.clone(), sandbox.shared.clone(), sandbox.vm.qemu_pid(), config.hypervisor.memory_mib as u64);
+        let st = match self.create_in_vm(req, c, agent.clone(), shared, qemu_pid, mem, mounts).await {
+            Ok(st) => st,
+            Err((e, mounts)) => {
+                warn!(id = %req.id, error = %e, console_tail = %sandbox.vm.console_tail(4000), "create failed; the guest console's end follows");
+                sandbox.stop(Some(&mounts)).await;
+                return Err(e);
+            }
+        };
+        // Interfaces already in the namespace (CRI's pod network, a createRuntime hook's) reach the
+        // container now; later ones (ctr run --cni) at Start.
+        let mut network = network::Network::default();
+        if let Err(e) = sync_network(&mut network, &sandbox.vm, &agent, &req.id).await {
+            sandbox.stop(Some(&st.mounts)).await;
+            return Err(e);
+        }
+        let pod = matches!(st.role, spec::PodRole::Sandbox(_));
+        Ok((PodVm { id: st.role.group(&req.id).to_string(), pod, sandbox, network, guest_mem_mib: mem }, st))
+    }
+
+    /// One of a pod's containers, in the VM its sandbox container booted: mounts made in the running
+    /// VM's shared directory (through pinned descriptors: the guest writes there), then the container.
+    async fn create_in_pod(&self, req: &CreateTaskRequest, c: Parsed) -> ttrpc::Result<TaskState> {
+        let (agent, shared, host_pid, mem) = {
+            let g = self.state.lock().await;
+            let vm = g.vm.as_ref().ok_or_else(|| TaskError::precondition(format!("container {}: its pod's VM is gone", req.id)))?;
+            (vm.sandbox.agent.clone(), vm.sandbox.shared.clone(), vm.sandbox.vm.qemu_pid(), vm.guest_mem_mib)
+        };
+        let mounts = mounts::ContainerMounts::setup(&c.bundle, &req.rootfs, &c.adapted.volumes, &shared, &req.id).map_err(mount_err)?;
+        let shared2 = shared.clone();
+        match self.create_in_vm(req, c, agent, shared, host_pid, mem, mounts).await {
+            Ok(st) => Ok(st),
+            Err((e, mut mounts)) => {
+                mounts.teardown_in_running_vm(&shared2);
+                Err(e)
+            }
+        }
+    }
+
+    /// The container in a running VM: a restore's images staged, the createRuntime and prestart hooks,
+    /// the agent's CreateContainer. On failure the mounts come back for the caller to undo.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_in_vm(
+        &self,
+        req: &CreateTaskRequest,
+        c: Parsed,
+        agent: AgentClient,
+        shared: Arc<Dir>,
+        host_pid: u32,
+        guest_mem_mib: u64,
+        mounts: mounts::ContainerMounts,
+    ) -> Result<TaskState, (ttrpc::Error, mounts::ContainerMounts)> {
+        let restore = !req.checkpoint.is_empty();
         let mut restore_staging = None;
         if restore {
             // Images from containerd (trusted, but bounded all the same) into the guest-writable shared
             // directory, through pinned descriptors: nothing the guest placed there is followed.
-            let limits = checkpoint::image_limits(max_image_bytes(config.hypervisor.memory_mib as u64));
-            let (shared, from_path) = (sandbox.shared.clone(), PathBuf::from(&req.checkpoint));
+            let limits = checkpoint::image_limits(max_image_bytes(guest_mem_mib));
+            let (shared, from_path, id) = (shared.clone(), PathBuf::from(&req.checkpoint), req.id.clone());
             // Blocking file I/O of up to gigabytes: off the async workers, so other calls still answer.
             let staged = tokio::task::spawn_blocking(move || {
-                Staging::for_restore(&shared).and_then(|st| {
+                Staging::for_restore(&shared, &id).and_then(|st| {
                     let from = Dir::open_host(&from_path)?;
                     let r = crate::safefs::copy_tree(&from, &st.dir, limits);
                     if r.is_err() {
@@ -350,52 +418,52 @@ impl TaskService {
             .unwrap_or_else(|e| Err(crate::safefs::SafeFsError::Io { path: req.checkpoint.clone(), source: std::io::Error::other(e.to_string()) }));
             match staged {
                 Ok(st) => restore_staging = Some(st),
-                Err(e) => {
-                    sandbox.stop(Some(&mounts)).await;
-                    return Err(TaskError::invalid(format!("staging checkpoint {} for the guest: {e}", req.checkpoint)));
-                }
+                Err(e) => return Err((TaskError::invalid(format!("staging checkpoint {} for the guest: {e}", req.checkpoint)), mounts)),
             }
         }
+        let unstage = |s: &Option<Staging>| {
+            if let Some(s) = s {
+                s.remove();
+            }
+        };
         // createRuntime, then prestart: the VM runs (their state's pid is QEMU's), the container is not
         // created yet.
-        let state = hooks::state_json(&hook_spec, &req.id, "creating", sandbox.vm.qemu_pid(), &req.bundle);
-        for (point, list) in [("createRuntime", &hooks.create_runtime), ("prestart", &hooks.prestart)] {
+        let state = hooks::state_json(&c.hook_spec, &req.id, "creating", host_pid, &req.bundle);
+        for (point, list) in [("createRuntime", &c.hooks.create_runtime), ("prestart", &c.hooks.prestart)] {
             if let Err(e) = hooks::run_all(point, list, &state).await {
-                sandbox.stop(Some(&mounts)).await;
-                return Err(TaskError::precondition(e.to_string()));
+                unstage(&restore_staging);
+                return Err((TaskError::precondition(e.to_string()), mounts));
             }
         }
+        let (sandbox_id, sandbox_namespaces) = match &c.role {
+            spec::PodRole::Own => (String::new(), vec![]),
+            spec::PodRole::Sandbox(s) => (s.clone(), vec![]),
+            spec::PodRole::Container(s) => (s.clone(), c.adapted.dropped_namespace_paths.clone()),
+        };
         let creq = ag::CreateContainerRequest {
             container_id: req.id.clone(),
-            oci_spec: adapted.spec,
+            oci_spec: c.adapted.spec,
             rootfs: format!("{GUEST_SHARED}/{}/rootfs", req.id),
             for_restore: restore,
+            sandbox_id,
+            sandbox_namespaces,
             ..Default::default()
         };
-        let guest_pid = match agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &creq).await }).await {
+        let guest_pid = match agent.call_default("CreateContainer", |cl, ctx| async move { cl.create_container(ctx, &creq).await }).await {
             Ok(r) => r.pid,
             Err(e) => {
-                warn!(id = %req.id, error = %e, console_tail = %sandbox.vm.console_tail(4000), "CreateContainer failed; the guest console's end follows");
-                sandbox.stop(Some(&mounts)).await;
-                return Err(agent_err(e));
+                unstage(&restore_staging);
+                return Err((agent_err(e), mounts));
             }
         };
-        // Interfaces already in the namespace (CRI's pod network, a createRuntime hook's) reach the
-        // container now; later ones (ctr run --cni) at Start.
-        let mut network = network::Network::default();
-        if let Err(e) = sync_network(&mut network, &sandbox.vm, &agent, &req.id).await {
-            sandbox.stop(Some(&mounts)).await;
-            return Err(e);
-        }
         let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         init.guest_pid = guest_pid;
         init.start_io(&agent, &req.id, "");
-        let shared = sandbox.shared.clone();
-        let host_pid = sandbox.vm.qemu_pid();
         Ok(TaskState {
             id: req.id.clone(),
-            bundle,
-            sandbox: Some(sandbox),
+            bundle: c.bundle,
+            role: c.role,
+            released: false,
             agent,
             init,
             execs: HashMap::new(),
@@ -403,27 +471,102 @@ impl TaskService {
             shared,
             host_pid,
             restore_staging,
-            deadline_s,
-            open_tcp,
+            deadline_s: c.deadline_s,
+            open_tcp: c.open_tcp,
             restore_pending: restore,
-            checkpoints: 0,
             checkpointing: false,
             vm_gone: None,
-            guest_mem_mib: config.hypervisor.memory_mib as u64,
-            hooks,
-            hook_spec,
-            network,
+            guest_mem_mib,
+            hooks: c.hooks,
+            hook_spec: c.hook_spec,
         })
     }
 
-    /// Stops the VM and removes mounts and directories (idempotent).
-    async fn teardown(st: &mut TaskState) {
-        if let Some(sb) = st.sandbox.take() {
+    /// Takes task `id` out of the VM, once: the agent removes its container and its mounts are undone;
+    /// the VM stops when no other task is left in it. The task stays listed (for Delete to report).
+    async fn release(g: &mut Shim, id: &str) {
+        let others = g.tasks.iter().any(|(k, t)| k != id && !t.released);
+        let Some(st) = g.tasks.get_mut(id) else {
+            return;
+        };
+        if st.released {
+            return;
+        }
+        st.released = true;
+        if st.vm_gone.is_none() {
             let req = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
-            let _ = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await;
-            sb.stop(Some(&st.mounts)).await;
+            if let Err(e) = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await {
+                warn!(id, error = %e, "the agent could not remove the container");
+            }
+        }
+        if others {
+            st.mounts.teardown_in_running_vm(&st.shared);
+        } else if let Some(vm) = g.vm.take() {
+            vm.sandbox.stop(Some(&st.mounts)).await;
+            info!(vm = %vm.id, "VM stopped: no task left in it");
+        } else {
+            st.mounts.teardown();
         }
     }
+}
+
+/// What Create reads from the bundle and the configuration before anything is made.
+struct Parsed {
+    config: Config,
+    bundle: PathBuf,
+    role: spec::PodRole,
+    adapted: spec::Adapted,
+    spec_json: serde_json::Value,
+    deadline_s: u64,
+    open_tcp: bool,
+    hooks: hooks::Hooks,
+    hook_spec: serde_json::Value,
+}
+
+/// A pod's VM at most: 256 GiB and 64 vCPUs, whatever limits the pod asks for.
+const MAX_POD_MEMORY_MIB: u32 = 256 << 10;
+const MAX_POD_VCPUS: u32 = 64;
+
+fn mount_err(e: mounts::MountError) -> ttrpc::Error {
+    match e {
+        e @ mounts::MountError::VolumeSource { .. } => TaskError::invalid(e.to_string()),
+        e => TaskError::internal(e.to_string()),
+    }
+}
+
+fn parse_create(req: &CreateTaskRequest) -> ttrpc::Result<Parsed> {
+    if !req.checkpoint.is_empty() && !Path::new(&req.checkpoint).join("inventory.img").is_file() {
+        return Err(TaskError::invalid(format!("checkpoint {} holds no CRIU images (no inventory.img)", req.checkpoint)));
+    }
+    let explicit = match req.options.as_ref() {
+        Some(o) => crate::config::config_path_from_options(&o.type_url, &o.value).map_err(|e| TaskError::invalid(e))?,
+        None => None,
+    };
+    let config = Config::discover(explicit.as_deref()).map_err(|e| TaskError::invalid(e.to_string()))?;
+    let bundle = PathBuf::from(&req.bundle);
+    if let Some(p) = &explicit {
+        std::fs::write(bundle.join(crate::shimcmd::CONFIG_PATH_FILE), p.as_os_str().as_encoded_bytes())
+            .map_err(|e| TaskError::internal(format!("{}: {e}", bundle.display())))?;
+    }
+    let bad = |e: String| TaskError::invalid(format!("{}/config.json: {e}", req.bundle));
+    let raw = std::fs::read(bundle.join("config.json")).map_err(|e| bad(e.to_string()))?;
+    let spec_json: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
+    let role = spec::pod_role(&spec_json, &req.id).map_err(|e| bad(e.to_string()))?;
+    let adapted = spec::adapt_for_guest(&raw, &format!("{GUEST_SHARED}/{}", req.id)).map_err(|e| bad(e.to_string()))?;
+    let deadline_s = checkpoint::deadline_from_spec(&spec_json, config.runtime.checkpoint_deadline_s)?;
+    let open_tcp = checkpoint::open_tcp_from_spec(&spec_json)?;
+    let hooks = hooks::Hooks::from_spec(&spec_json).map_err(|e| bad(e.to_string()))?;
+    if !hooks.not_run.is_empty() {
+        warn!(hooks = ?hooks.not_run, "these hooks would run in the container's namespaces, which are in the VM: not run");
+    }
+    let hook_spec = serde_json::json!({"ociVersion": spec_json.get("ociVersion"), "annotations": spec_json.get("annotations")});
+    if !adapted.dropped_mounts.is_empty() || !adapted.dropped_namespace_paths.is_empty() {
+        warn!(mounts = ?adapted.dropped_mounts, namespaces = ?adapted.dropped_namespace_paths, ?role, "host-only parts of the spec are not available in the VM (a pod's namespaces are joined in the VM)");
+    }
+    if !adapted.volumes.is_empty() {
+        info!(volumes = ?adapted.volumes.iter().map(|v| (&v.source, &v.destination, v.readonly)).collect::<Vec<_>>(), "volumes (host bind mounts) shared with the VM");
+    }
+    Ok(Parsed { config, bundle, role, adapted, spec_json, deadline_s, open_tcp, hooks, hook_spec })
 }
 
 /// Mirrors new interfaces of QEMU's namespace into the VM and has the agent configure them all.
@@ -443,9 +586,13 @@ async fn sync_network(net: &mut network::Network, vm: &vmm::Vm, agent: &AgentCli
 fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -> Result<(), TaskError> {
     match status {
         PStatus::Running | PStatus::Paused => Ok(()),
-        PStatus::Created if restore_pending => Err(TaskError::Precondition(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it"))),
+        PStatus::Created if restore_pending => {
+            Err(TaskError::Precondition(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it")))
+        }
         PStatus::Starting | PStatus::Restoring => Err(TaskError::Precondition(format!("task {id} is being started: checkpoint it once it runs"))),
-        PStatus::Created => Err(TaskError::Precondition(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed"))),
+        PStatus::Created => {
+            Err(TaskError::Precondition(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed")))
+        }
         PStatus::Stopped => Err(TaskError::Precondition(format!("task {id} is Stopped: only a running or paused task can be checkpointed"))),
     }
 }
@@ -462,27 +609,56 @@ fn status_of(s: PStatus) -> Status {
 #[async_trait]
 impl Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
+        let parsed = parse_create(&req)?;
         {
             let g = self.state.lock().await;
             let mut creating = self.creating_lock();
-            if g.is_some() || creating.is_some() {
-                return Err(TaskError::exists(format!("this shim already runs a task; {} cannot be added", req.id)));
+            if g.tasks.contains_key(&req.id) || creating.contains_key(&req.id) {
+                return Err(TaskError::exists(format!("task {} exists already", req.id)));
             }
-            *creating = Some(req.clone());
+            match &parsed.role {
+                spec::PodRole::Container(sid) => match &g.vm {
+                    Some(vm) if vm.pod && &vm.id == sid => {
+                        if let Some(why) = g.tasks.values().find_map(|t| t.vm_gone.clone()) {
+                            return Err(TaskError::precondition(format!("container {}: the VM of pod {sid} is gone ({why})", req.id)));
+                        }
+                    }
+                    _ => {
+                        return Err(TaskError::precondition(format!(
+                            "container {}: its pod's sandbox {sid} does not run in this shim (was it stopped?)",
+                            req.id
+                        )))
+                    }
+                },
+                _ if g.vm.is_some() || !g.tasks.is_empty() || !creating.is_empty() => {
+                    return Err(TaskError::exists(format!("this shim already runs a VM; {} cannot be added (only a pod's containers share one)", req.id)));
+                }
+                _ => {}
+            }
+            creating.insert(req.id.clone(), req.clone());
         }
-        info!(id = %req.id, bundle = %req.bundle, "create");
+        info!(id = %req.id, bundle = %req.bundle, role = ?parsed.role, "create");
         // Its own task, without the state lock: the boot (and a restore's image staging) finishes or
         // cleans up even if the caller goes away, and State answers meanwhile.
         let me = self.clone();
         let r2 = req.clone();
         let created = tokio::spawn(async move {
-            let r = me.create_inner(&r2).await;
+            let joins = matches!(parsed.role, spec::PodRole::Container(_));
+            let r = if joins {
+                me.create_in_pod(&r2, parsed).await.map(|st| (None, st))
+            } else {
+                me.create_with_vm(&r2, parsed).await.map(|(vm, st)| (Some(vm), st))
+            };
             let mut g = me.state.lock().await;
-            *me.creating_lock() = None;
-            r.map(|st| {
-                let out = (st.host_pid, st.sandbox.as_ref().map(|s| s.gone.clone()));
-                *g = Some(st);
-                out
+            me.creating_lock().remove(&r2.id);
+            r.map(|(vm, st)| {
+                let pid = st.host_pid;
+                let gone = vm.as_ref().map(|v| v.sandbox.gone.clone());
+                if let Some(vm) = vm {
+                    g.vm = Some(vm);
+                }
+                g.tasks.insert(st.id.clone(), st);
+                (pid, gone)
             })
         })
         .await
@@ -497,7 +673,14 @@ impl Task for TaskService {
                 container_id: req.id.clone(),
                 bundle: req.bundle.clone(),
                 rootfs: req.rootfs.clone(),
-                io: Some(TaskIO { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal, ..Default::default() }).into(),
+                io: Some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
                 checkpoint: req.checkpoint.clone(),
                 pid,
                 ..Default::default()
@@ -511,8 +694,9 @@ impl Task for TaskService {
         let request_deadline = request_deadline(ctx);
         // Under the lock: the checks, the move to Starting/Restoring, and what the agent call needs.
         let (agent, cid, host_pid, restore, staging, deadline, bundle, process) = {
-            let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+            let mut guard = self.state.lock().await;
+            let g = &mut *guard;
+            let st = g.tasks.get_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             let restore = req.exec_id.is_empty() && st.restore_pending;
             let status = st.proc_mut(&req.exec_id)?.status;
             can_start(&st.id, &req.exec_id, status)?;
@@ -521,9 +705,9 @@ impl Task for TaskService {
             }
             // Interfaces added since Create (ctr run --cni configures the namespace of the task's pid
             // between Create and Start) are hot-plugged before the container runs.
-            if req.exec_id.is_empty() {
-                if let Some(sb) = st.sandbox.as_ref() {
-                    sync_network(&mut st.network, &sb.vm, &st.agent, &st.id).await?;
+            if req.exec_id.is_empty() && !matches!(st.role, spec::PodRole::Container(_)) {
+                if let Some(vm) = g.vm.as_mut() {
+                    sync_network(&mut vm.network, &vm.sandbox.vm, &st.agent, &st.id).await?;
                 }
             }
             let staging = if restore { st.restore_staging.take() } else { None };
@@ -547,7 +731,7 @@ impl Task for TaskService {
             agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
         };
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| TaskError::not_found(format!("task {cid} was deleted while it started")))?;
+        let st = g.task_mut(&cid).ok_or_else(|| TaskError::not_found(format!("task {cid} was deleted while it started")))?;
         let p = st.proc_mut(&req.exec_id)?;
         let guest_pid = match result {
             Ok(pid) if p.status == PStatus::Stopped => {
@@ -560,12 +744,19 @@ impl Task for TaskService {
                 p.status = PStatus::Stopped;
                 let ts = timestamp().unwrap_or_default();
                 let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
-                TaskService::teardown(st).await;
+                TaskService::release(&mut g, &cid).await;
                 drop(g);
-                warn!(cid, error = %e, "restore failed; VM stopped");
+                warn!(cid, error = %e, "restore failed; the container is out of the VM (the VM stopped unless other containers of its pod run in it)");
                 self.publish(
                     TASK_EXIT_EVENT_TOPIC,
-                    Box::new(TaskExit { container_id: cid.clone(), id: cid.clone(), pid: host_pid, exit_status: RESTORE_FAILED_STATUS, exited_at: Some(ts).into(), ..Default::default() }),
+                    Box::new(TaskExit {
+                        container_id: cid.clone(),
+                        id: cid.clone(),
+                        pid: host_pid,
+                        exit_status: RESTORE_FAILED_STATUS,
+                        exited_at: Some(ts).into(),
+                        ..Default::default()
+                    }),
                 )
                 .await;
                 return Err(e);
@@ -600,8 +791,8 @@ impl Task for TaskService {
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
         let mut g = self.state.lock().await;
-        if g.is_none() && req.exec_id.is_empty() {
-            if let Some(c) = self.creating_lock().as_ref().filter(|c| c.id == req.id) {
+        if !g.tasks.contains_key(&req.id) && req.exec_id.is_empty() {
+            if let Some(c) = self.creating_lock().get(&req.id) {
                 return Ok(StateResponse {
                     id: c.id.clone(),
                     bundle: c.bundle.clone(),
@@ -614,7 +805,7 @@ impl Task for TaskService {
                 });
             }
         }
-        let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+        let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
         let (id, bundle, host_pid) = (st.id.clone(), st.bundle.display().to_string(), st.host_pid);
         let p = st.proc_mut(&req.exec_id)?;
         let exit = p.exit_rx.borrow().clone();
@@ -637,7 +828,7 @@ impl Task for TaskService {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
         let mut rx = {
             let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+            let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             st.proc_mut(&req.exec_id)?.exit_rx.clone()
         };
         loop {
@@ -653,7 +844,7 @@ impl Task for TaskService {
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         let (agent, cid) = {
             let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+            let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             let cid = st.id.clone();
             let agent = st.agent.clone();
             let p = st.proc_mut(&req.exec_id)?;
@@ -673,7 +864,7 @@ impl Task for TaskService {
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+        let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
         if st.execs.contains_key(&req.exec_id) {
             return Err(TaskError::exists(format!("exec {} already exists", req.exec_id)));
         }
@@ -696,7 +887,7 @@ impl Task for TaskService {
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
         let (agent, cid) = {
             let g = self.state.lock().await;
-            let st = g.as_ref().ok_or_else(|| self.no_task(&req.id))?;
+            let st = g.tasks.get(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             (st.agent.clone(), st.id.clone())
         };
         if req.stdin {
@@ -717,7 +908,7 @@ impl Task for TaskService {
     /// numbers the guest chose; a host tool that looked them up would find unrelated host processes.
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
         let g = self.state.lock().await;
-        let st = g.as_ref().ok_or_else(|| self.no_task(&req.id))?;
+        let st = g.tasks.get(&req.id).ok_or_else(|| self.no_task(&req.id))?;
         let processes = vec![containerd_shim::protos::types::task::ProcessInfo { pid: st.host_pid, ..Default::default() }];
         Ok(PidsResponse { processes, ..Default::default() })
     }
@@ -740,13 +931,13 @@ impl Task for TaskService {
 
     async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
         let g = self.state.lock().await;
-        let task_pid = g.as_ref().filter(|st| st.id == req.id).map(|st| st.host_pid).unwrap_or(0);
+        let task_pid = g.tasks.get(&req.id).map(|st| st.host_pid).unwrap_or(0);
         Ok(ConnectResponse { shim_pid: std::process::id(), task_pid, version: env!("CARGO_PKG_VERSION").into(), ..Default::default() })
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> ttrpc::Result<DeleteResponse> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+        let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
         if !req.exec_id.is_empty() {
             let p = st.execs.get(&req.exec_id).ok_or_else(|| TaskError::not_found(format!("exec {} not found", req.exec_id)))?;
             can_delete(&format!("exec {}", req.exec_id), p.status)?;
@@ -760,12 +951,13 @@ impl Task for TaskService {
         }
         let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
         let pid = st.host_pid;
-        TaskService::teardown(st).await;
         let cid = st.id.clone();
         let poststop = (!st.hooks.poststop.is_empty()).then(|| (st.hooks.poststop.clone(), st.hook_state("stopped")));
-        *g = None;
+        TaskService::release(&mut g, &cid).await;
+        g.tasks.remove(&cid);
+        let left = g.tasks.len();
         drop(g);
-        info!(id = %cid, "deleted; VM stopped");
+        info!(id = %cid, tasks_left = left, "deleted");
         if let Some((list, state)) = poststop {
             hooks::run_all_warn("poststop", &list, &state).await;
         }
@@ -777,12 +969,17 @@ impl Task for TaskService {
         Ok(DeleteResponse { pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() })
     }
 
+    /// Ends the shim once it holds no task: containerd asks after every Delete, and a pod's shim
+    /// serves the pod's other containers until the last one is deleted.
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         let mut g = self.state.lock().await;
-        if let Some(st) = g.as_mut() {
-            TaskService::teardown(st).await;
+        if !g.tasks.is_empty() || !self.creating_lock().is_empty() {
+            info!(tasks = g.tasks.len(), "shutdown asked while tasks remain: the shim stays");
+            return Ok(Empty::new());
         }
-        *g = None;
+        if let Some(vm) = g.vm.take() {
+            vm.sandbox.stop(None).await;
+        }
         self.exit.signal();
         Ok(Empty::new())
     }
@@ -881,7 +1078,9 @@ async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, n
             }
         }
         // The reason the VM is gone is in the error already.
-        Err(agent_client::AgentError::VmGone { .. }) => format!("(not available: it stayed in the VM, which is gone; guest path {guest_path})"),
+        Err(agent_client::AgentError::VmGone { .. }) => {
+            format!("(not available: it stayed in the VM, which is gone; guest path {guest_path})")
+        }
         Err(e) => format!("(not available: {e}; guest path {guest_path})"),
     }
 }
@@ -894,7 +1093,7 @@ impl TaskService {
         let work = format!("{GUEST_WORK}/restore");
         let r = ag::RestoreContainerRequest {
             container_id: cid.to_string(),
-            image_path: format!("{GUEST_SHARED}/{RESTORE_DIR}"),
+            image_path: format!("{GUEST_SHARED}/{}", checkpoint::restore_dir(cid)),
             work_path: work.clone(),
             deadline_s: deadline_s as u32,
             ..Default::default()
@@ -924,10 +1123,11 @@ impl TaskService {
     }
 
     async fn checkpoint_inner(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>) -> ttrpc::Result<Empty> {
+        let id = req.id.clone();
         let mut claimed = false;
         let r = self.checkpoint_unlocked(req, request_deadline, &mut claimed).await;
         if claimed {
-            if let Some(st) = self.state.lock().await.as_mut() {
+            if let Some(st) = self.state.lock().await.task_mut(&id) {
                 st.checkpointing = false;
             }
         }
@@ -939,8 +1139,11 @@ impl TaskService {
     async fn checkpoint_unlocked(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>, claimed: &mut bool) -> ttrpc::Result<Empty> {
         let opts = checkpoint::parse_options(req.options.as_ref())?;
         let (agent, cid, paused, bundle, shared, deadline_s, n, max, open_tcp) = {
-            let mut g = self.state.lock().await;
-            let st = g.as_mut().ok_or_else(|| self.no_task(&req.id))?;
+            let mut guard = self.state.lock().await;
+            let g = &mut *guard;
+            g.checkpoints += 1;
+            let n = g.checkpoints;
+            let st = g.tasks.get_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             let status = st.init.status;
             checkpointable(&st.id, status, st.restore_pending)?;
             if st.checkpointing {
@@ -951,8 +1154,17 @@ impl TaskService {
             }
             st.checkpointing = true;
             *claimed = true;
-            st.checkpoints += 1;
-            (st.agent.clone(), st.id.clone(), status == PStatus::Paused, st.bundle.clone(), st.shared.clone(), st.deadline_s, st.checkpoints, max_image_bytes(st.guest_mem_mib), st.open_tcp)
+            (
+                st.agent.clone(),
+                st.id.clone(),
+                status == PStatus::Paused,
+                st.bundle.clone(),
+                st.shared.clone(),
+                st.deadline_s,
+                n,
+                max_image_bytes(st.guest_mem_mib),
+                st.open_tcp,
+            )
         };
         let (deadline_s, deadline_from) = checkpoint::effective_deadline(deadline_s, request_deadline);
         let target = PathBuf::from(if opts.image_path.is_empty() { &req.path } else { &opts.image_path });
@@ -976,7 +1188,8 @@ impl TaskService {
         };
         info!(cid, n, paused, exit = opts.exit, target = %target.display(), deadline_s, deadline_from, "checkpoint");
         let started = std::time::Instant::now();
-        let result = agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
+        let result =
+            agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
         let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
         let outcome = match result {
             Err(e) => {
@@ -1024,13 +1237,13 @@ impl TaskService {
 
     async fn agent_of(&self, id: &str) -> ttrpc::Result<(AgentClient, String)> {
         let g = self.state.lock().await;
-        let st = g.as_ref().ok_or_else(|| self.no_task(id))?;
+        let st = g.tasks.get(id).ok_or_else(|| self.no_task(id))?;
         Ok((st.agent.clone(), st.id.clone()))
     }
 
     async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<Empty> {
         let mut g = self.state.lock().await;
-        let st = g.as_mut().ok_or_else(|| self.no_task(id))?;
+        let st = g.task_mut(id).ok_or_else(|| self.no_task(id))?;
         let want_from = if pause { PStatus::Running } else { PStatus::Paused };
         if st.init.status != want_from {
             return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));

@@ -1,5 +1,6 @@
 //! A private containerd (Debian's, own config, sockets and state under /run/kata-rs-e2e/) with the
-//! kata-rs shim of this checkout on its PATH and a locally built busybox image imported.
+//! kata-rs shim of this checkout on its PATH and a locally built busybox image imported; with
+//! [`Containerd::start_cri`], containerd 2.x's CRI plugin serving pods under kata-rs or runc.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -8,6 +9,13 @@ use std::{
 
 pub const IMAGE: &str = "docker.io/library/kata-busybox:latest";
 pub const RUNTIME: &str = "io.containerd.kata-rs.v2";
+/// The sandbox (pause) image of [`Containerd::start_cri`]: busybox sleeping, built here ([`pause_image`]).
+pub const PAUSE_IMAGE: &str = "docker.io/library/local-pause:latest";
+/// The CRI runtime handlers of [`Containerd::start_cri`] (a pod's `runtime_handler`).
+pub const KATA_HANDLER: &str = "kata-rs";
+pub const RUNC_HANDLER: &str = "runc";
+/// containerd's namespace of CRI's pods, containers and images.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 
 pub struct Containerd {
     pub dir: PathBuf,
@@ -18,6 +26,8 @@ pub struct Containerd {
     bin_dir: PathBuf,
     /// PATH of containerd (the shim of this checkout first).
     path: String,
+    /// The containerd namespace of ctr's commands and of bundles: `default`, or [`CRI_NAMESPACE`] under CRI.
+    pub namespace: &'static str,
 }
 
 /// Starts containerd with this test's config; it stages checkpoint images in its XDG_RUNTIME_DIR, `<dir>/xdg`.
@@ -25,7 +35,7 @@ pub struct Containerd {
 /// (then the shim finds its own, as after `make install`).
 fn spawn_containerd(dir: &Path, bin_dir: &Path, path: &str, installed: bool) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("containerd.log")).unwrap();
-    let mut cmd = Command::new(if bin_dir.as_os_str().is_empty() { PathBuf::from("containerd") } else { bin_dir.join("containerd") });
+    let mut cmd = Command::new(containerd_binary(bin_dir));
     if installed {
         cmd.env_remove("KATA_RS_CONFIG");
     } else {
@@ -46,39 +56,142 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
 }
 
+/// The shim of this checkout (`make build`).
+fn dev_shim() -> PathBuf {
+    let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
+    assert!(shim.exists(), "{} missing: run 'make build'", shim.display());
+    shim
+}
+
+/// Serializes the building of images (tests of one binary may run in parallel).
+static IMAGE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Where built images are cached.
+fn images_dir() -> PathBuf {
+    workspace().join("build/images")
+}
+
+/// The guest image's busybox binary, which the test images are made of.
+fn guest_busybox() -> PathBuf {
+    crate::guest_dir().join("test-rootfs/bin/busybox")
+}
+
+/// Is `out` missing, or older than one of `inputs`?
+fn stale(out: &Path, inputs: &[&Path]) -> bool {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    match mtime(out) {
+        None => true,
+        Some(t) => inputs.iter().any(|p| mtime(p).is_some_and(|m| m > t)),
+    }
+}
+
+/// Builds `out` (through a temporary file) with tests/images/mkimage.py: image `name` of the guest's
+/// busybox plus `extras` (`src:dest`), with `cmd` (a JSON array) as its Cmd when given.
+fn mkimage(out: &Path, name: &str, extras: &[String], cmd: Option<&str>) {
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let tmp = out.with_extension("tar.tmp");
+    let mut c = Command::new("python3");
+    c.arg(workspace().join("tests/images/mkimage.py")).arg(guest_busybox()).arg(&tmp).arg(name).args(extras).stdout(Stdio::null());
+    if let Some(cmd) = cmd {
+        c.env("MKIMAGE_CMD", cmd);
+    }
+    let st = c.status().expect("running mkimage.py");
+    assert!(st.success(), "building the OCI image {name}");
+    std::fs::rename(&tmp, out).unwrap();
+}
+
 /// The OCI image tar of the test image: the guest image's busybox plus /bin/memhog (tests/images/memhog.c,
 /// built static here). Rebuilt when memhog.c or the busybox binary is newer than the tar.
 pub fn busybox_image() -> PathBuf {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = workspace().join("build/images");
+    let _g = IMAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = images_dir();
     let out = dir.join("busybox-oci.tar");
     let src = workspace().join("tests/images/memhog.c");
-    let bb = crate::guest_dir().join("test-rootfs/bin/busybox");
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let stale = match mtime(&out) {
-        None => true,
-        Some(t) => [&src, &bb].iter().any(|p| mtime(p).is_some_and(|m| m > t)),
-    };
-    if stale {
+    if stale(&out, &[&src, &guest_busybox()]) {
         std::fs::create_dir_all(&dir).unwrap();
         let memhog = dir.join("memhog");
         let st = Command::new("gcc").args(["-O2", "-static", "-Wall", "-o"]).arg(&memhog).arg(&src).status().expect("running gcc");
         assert!(st.success(), "building memhog");
-        let tmp = dir.join("busybox-oci.tar.tmp");
-        let st = Command::new("python3")
-            .arg(workspace().join("tests/images/mkimage.py"))
-            .arg(&bb)
-            .arg(&tmp)
-            .arg(IMAGE)
-            .arg(format!("{}:/bin/memhog", memhog.display()))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the busybox OCI image");
-        std::fs::rename(&tmp, &out).unwrap();
+        mkimage(&out, IMAGE, &[format!("{}:/bin/memhog", memhog.display())], None);
     }
     out
+}
+
+/// The OCI image tar of [`PAUSE_IMAGE`], CRI's sandbox image: the guest image's busybox whose Cmd
+/// sleeps forever. Rebuilt when the busybox binary is newer than the tar.
+pub fn pause_image() -> PathBuf {
+    let _g = IMAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let out = images_dir().join("pause-oci.tar");
+    if stale(&out, &[&guest_busybox()]) {
+        mkimage(&out, PAUSE_IMAGE, &[], Some(r#"["/bin/sleep","2147483647"]"#));
+    }
+    out
+}
+
+/// `$KATA_RS_CONTAINERD_BIN_DIR` (containerd, ctr and runc's shim of another version), else empty: PATH's.
+fn containerd_bin_dir() -> PathBuf {
+    std::env::var_os("KATA_RS_CONTAINERD_BIN_DIR").map(PathBuf::from).unwrap_or_default()
+}
+
+/// The containerd binary of `bin_dir` (empty: PATH's).
+fn containerd_binary(bin_dir: &Path) -> PathBuf {
+    if bin_dir.as_os_str().is_empty() {
+        PathBuf::from("containerd")
+    } else {
+        bin_dir.join("containerd")
+    }
+}
+
+/// Copies the test network's conflist ([`crate::netns::conflist_path`], written in an isolated run)
+/// into CNI configuration directory `conf_dir`.
+fn copy_test_network(conf_dir: &Path) {
+    std::fs::create_dir_all(conf_dir).unwrap();
+    let conflist = crate::netns::conflist_path();
+    std::fs::copy(&conflist, conf_dir.join(conflist.file_name().unwrap()))
+        .unwrap_or_else(|e| panic!("{}: {e} (CRI's pods need the test network: start_cri belongs in a netns::isolated run)", conflist.display()));
+}
+
+/// The major version in `containerd --version`'s output ("containerd <module> 2.1.9+unknown", or "v2.1.9").
+fn containerd_major(version: &str) -> Option<u32> {
+    let v = version.split_whitespace().skip(1).map(|w| w.trim_start_matches('v')).find(|w| w.starts_with(|c: char| c.is_ascii_digit()))?;
+    v.split('.').next()?.parse().ok()
+}
+
+/// containerd's config (version 3, containerd 2.x) for [`Containerd::start_cri`]: sockets and state in
+/// `dir` (the CRI plugin's own root and state are `io.containerd.grpc.v1.cri` in them), the pinned
+/// pause image, the runtime handlers `kata-rs` (pod and container annotations `io.kata-rs.*` reach its
+/// OCI specs) and `runc`, Debian's CNI plugins and the test network's conflist in `dir/cni/net.d`.
+/// restrict_oom_score_adj: this host refuses the pause container's oom_score_adj of -998 otherwise.
+fn cri_config(dir: &Path, address: &str) -> String {
+    // TOML ignores the indentation.
+    format!(
+        r#"
+        version = 3
+        root = "{d}/root"
+        state = "{d}/state"
+        [grpc]
+          address = "{address}"
+        [ttrpc]
+          address = "{address}.ttrpc"
+        [debug]
+          level = "debug"
+        [plugins.'io.containerd.cri.v1.images'.pinned_images]
+          sandbox = '{PAUSE_IMAGE}'
+        [plugins.'io.containerd.cri.v1.runtime']
+          restrict_oom_score_adj = true
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{KATA_HANDLER}]
+          runtime_type = '{RUNTIME}'
+          pod_annotations = ['io.kata-rs.*']
+          container_annotations = ['io.kata-rs.*']
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.{RUNC_HANDLER}]
+          runtime_type = 'io.containerd.runc.v2'
+        [plugins.'io.containerd.cri.v1.runtime'.cni]
+          bin_dirs = ['{bin}']
+          conf_dir = '{d}/cni/net.d'
+        "#,
+        d = dir.display(),
+        bin = crate::netns::CNI_BIN,
+    )
 }
 
 impl Containerd {
@@ -87,15 +200,20 @@ impl Containerd {
         Self::start_with("")
     }
 
-    /// Like [`Containerd::start`], with `hypervisor_extra` (TOML lines) added to kata-rs's `[hypervisor]` table.
-    /// A containerd directory with its config.toml; returns (dir, address).
-    fn prepare_dir(extra_config: &str) -> (PathBuf, String) {
+    /// A new containerd directory (without config.toml); returns (dir, address).
+    fn new_dir() -> (PathBuf, String) {
         let dir = PathBuf::from(format!("/run/kata-rs-e2e/{}", crate::unique_id("c")));
         let _ = std::fs::remove_dir_all(&dir);
         for d in ["root", "state", "xdg", "fifo"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let address = dir.join("c.sock").display().to_string();
+        (dir, address)
+    }
+
+    /// A containerd directory with its config.toml (version 2, CRI disabled); returns (dir, address).
+    fn prepare_dir(extra_config: &str) -> (PathBuf, String) {
+        let (dir, address) = Self::new_dir();
         std::fs::write(
             dir.join("config.toml"),
             format!(
@@ -114,22 +232,59 @@ impl Containerd {
     /// default runtime root. The caller installs first.
     pub fn start_installed() -> Containerd {
         let (dir, address) = Self::prepare_dir("");
-        let bin_dir = std::env::var_os("KATA_RS_CONTAINERD_BIN_DIR").map(PathBuf::from).unwrap_or_default();
+        let bin_dir = containerd_bin_dir();
         let std_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
         let path = if bin_dir.as_os_str().is_empty() { std_path.to_string() } else { format!("{}:{std_path}", bin_dir.display()) };
         let child = spawn_containerd(&dir, &bin_dir, &path, true);
-        let c = Containerd { dir, child, address, runtime_root: PathBuf::from("/run/kata-rs"), bin_dir, path };
+        let c = Containerd { dir, child, address, runtime_root: PathBuf::from("/run/kata-rs"), bin_dir, path, namespace: "default" };
         c.wait_up();
         c.ctr_ok(&["images", "import", busybox_image().to_str().unwrap()]);
         c
     }
 
+    /// Like [`Containerd::start`], with `hypervisor_extra` (TOML lines) added to kata-rs's `[hypervisor]` table.
     pub fn start_with(hypervisor_extra: &str) -> Containerd {
-        let shim = workspace().join("target/release/containerd-shim-kata-rs-v2");
-        assert!(shim.exists(), "{} missing: run 'make build'", shim.display());
+        let shim = dev_shim();
         let (dir, address) = Self::prepare_dir("");
+        let c = Self::spawn_dev(&shim, dir, address, hypervisor_extra, "default");
+        let img = busybox_image();
+        c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
+        c
+    }
+
+    /// containerd 2.x (binary from `$KATA_RS_CONTAINERD_BIN_DIR`, else PATH) with its CRI plugin (config:
+    /// `cri_config`), kata-rs as in [`Containerd::start`], the pause and busybox images imported into the
+    /// k8s.io namespace (ctr's commands of this containerd use that namespace); returns once CRI reports
+    /// its runtime and network ready (see [`Containerd::cri`]). Pods get addresses on the test network
+    /// (CNI): call it inside a [`crate::netns::isolated`] run, whose conflist it uses.
+    pub fn start_cri() -> Containerd {
+        let shim = dev_shim();
+        let o = Command::new(containerd_binary(&containerd_bin_dir())).arg("--version").output().expect("containerd --version");
+        let version = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(containerd_major(&version).is_some_and(|m| m >= 2), "start_cri needs containerd 2.x (KATA_RS_CONTAINERD_BIN_DIR), not {version}");
+        let (dir, address) = Self::new_dir();
+        copy_test_network(&dir.join("cni/net.d"));
+        std::fs::write(dir.join("config.toml"), cri_config(&dir, &address)).unwrap();
+        let c = Self::spawn_dev(&shim, dir, address, "", CRI_NAMESPACE);
+        for img in [pause_image(), busybox_image()] {
+            c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
+        }
+        c.cri().wait_ready(Duration::from_secs(30)).expect("containerd's CRI service");
+        c
+    }
+
+    /// A CRI client of this containerd ([`Containerd::start_cri`]).
+    pub fn cri(&self) -> crate::cri::Cri {
+        crate::cri::Cri::connect(&self.address).expect("connecting to containerd's CRI service")
+    }
+
+    /// Starts containerd on `dir` (its config.toml written) with `shim` of this checkout on its PATH and
+    /// kata-rs's configuration `dir/kata.toml` (`hypervisor_extra` in `[hypervisor]`); waits until it is up.
+    fn spawn_dev(shim: &Path, dir: PathBuf, address: String, hypervisor_extra: &str, namespace: &'static str) -> Containerd {
         let mut kata = crate::test_config();
-        kata.runtime.root = dir.join("kr");
+        // CRI's ids are 64 characters: a short root keeps `<root>/<id>/<socket>` within a socket path's
+        // 107 bytes (as /run/kata-rs does after make install).
+        kata.runtime.root = if namespace == CRI_NAMESPACE { Path::new("/run/kr").join(dir.file_name().unwrap()) } else { dir.join("kr") };
         let g = crate::guest_dir();
         std::fs::write(
             dir.join("kata.toml"),
@@ -149,7 +304,7 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let bin_dir = std::env::var_os("KATA_RS_CONTAINERD_BIN_DIR").map(PathBuf::from).unwrap_or_default();
+        let bin_dir = containerd_bin_dir();
         let path = format!(
             "{}:{}{}",
             shim.parent().unwrap().display(),
@@ -158,12 +313,10 @@ impl Containerd {
         );
         let child = spawn_containerd(&dir, &bin_dir, &path, false);
         let runtime_root = kata.runtime.root.clone();
-        let c = Containerd { dir, child, address, runtime_root, bin_dir, path };
+        let c = Containerd { dir, child, address, runtime_root, bin_dir, path, namespace };
         c.wait_up();
         let version = c.ctr_ok(&["version"]);
         eprintln!("containerd under test: {}", version.lines().filter(|l| l.contains("Version")).collect::<Vec<_>>().join(" | "));
-        let img = busybox_image();
-        c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
         c
     }
 
@@ -196,7 +349,8 @@ impl Containerd {
     pub fn events(&self, name: &str) -> Events {
         let path = self.dir.join(format!("{name}.events"));
         let out = std::fs::File::create(&path).unwrap();
-        let child = Command::new(self.ctr_path()).arg("--address").arg(&self.address).arg("events").stdout(out).stderr(Stdio::null()).spawn().expect("ctr events");
+        let child =
+            Command::new(self.ctr_path()).arg("--address").arg(&self.address).arg("events").stdout(out).stderr(Stdio::null()).spawn().expect("ctr events");
         // Subscribed once ctr is connected: give it a moment, then check it still runs.
         std::thread::sleep(Duration::from_millis(300));
         Events { child, path }
@@ -223,8 +377,14 @@ impl Containerd {
         }
     }
 
+    /// Runs ctr on this containerd (in namespace k8s.io under CRI).
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new(self.ctr_path()).arg("--address").arg(&self.address).args(args).stdin(Stdio::null()).output().expect("running ctr")
+        let mut cmd = Command::new(self.ctr_path());
+        cmd.arg("--address").arg(&self.address);
+        if self.namespace != "default" {
+            cmd.args(["--namespace", self.namespace]);
+        }
+        cmd.args(args).stdin(Stdio::null()).output().expect("running ctr")
     }
 
     /// Runs ctr, panics with its output on failure, returns stdout.
@@ -265,7 +425,7 @@ impl Containerd {
 
     /// The bundle directory containerd made for `id`.
     pub fn bundle(&self, id: &str) -> PathBuf {
-        self.dir.join("state/io.containerd.runtime.v2.task/default").join(id)
+        self.dir.join("state/io.containerd.runtime.v2.task").join(self.namespace).join(id)
     }
 
     /// A ttrpc client of the shim containerd started for `id` (its address file in the bundle): for
@@ -281,7 +441,7 @@ impl Containerd {
     fn shim_command(&self, id: &str, bundle: &Path) -> Command {
         let containerd = if self.bin_dir.as_os_str().is_empty() { PathBuf::from("/usr/bin/containerd") } else { self.bin_dir.join("containerd") };
         let mut cmd = Command::new(workspace().join("target/release/containerd-shim-kata-rs-v2"));
-        cmd.args(["-namespace", "default", "-address", &self.address, "-publish-binary"])
+        cmd.args(["-namespace", self.namespace, "-address", &self.address, "-publish-binary"])
             .arg(&containerd)
             .args(["-id", id])
             .current_dir(bundle)
@@ -361,7 +521,8 @@ impl Containerd {
         );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let d = self.dir.display().to_string();
-        v.extend(mounts.lines().filter(|l| l.contains(&d) && !l.contains("/root/io.containerd")).map(|l| format!("mount: {l}")));
+        let root = self.runtime_root.display().to_string();
+        v.extend(mounts.lines().filter(|l| (l.contains(&d) && !l.contains("/root/io.containerd")) || l.contains(&root)).map(|l| format!("mount: {l}")));
         if let Ok(entries) = std::fs::read_dir(&self.runtime_root) {
             v.extend(entries.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| format!("dir: {}", e.path().display())));
         }
@@ -419,11 +580,42 @@ impl Drop for Containerd {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
         let d = self.dir.display().to_string();
+        let kr = self.runtime_root.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&d)).collect();
+        let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&d) || m.starts_with(&kr)).collect();
         targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
         for t in targets {
             let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
         }
+        // A CRI containerd's runtime root is outside its directory (a short path): removed with it.
+        if self.runtime_root.starts_with("/run/kr") {
+            let _ = std::fs::remove_dir_all(&self.runtime_root);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_versions_are_read_from_version_output() {
+        assert_eq!(containerd_major("containerd github.com/containerd/containerd/v2 2.1.9+unknown \n"), Some(2));
+        assert_eq!(containerd_major("containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1"), Some(1));
+        assert_eq!(containerd_major("containerd containerd.io v2.0.0 abc"), Some(2));
+        assert_eq!(containerd_major(""), None);
+    }
+
+    #[test]
+    fn the_cri_config_is_toml_with_the_handlers_and_the_test_network() {
+        let c: toml::Value = toml::from_str(&cri_config(Path::new("/w"), "/w/c.sock")).unwrap();
+        assert_eq!(c["version"].as_integer(), Some(3));
+        let runtime = &c["plugins"]["io.containerd.cri.v1.runtime"];
+        assert_eq!(runtime["containerd"]["runtimes"][KATA_HANDLER]["runtime_type"].as_str(), Some(RUNTIME));
+        assert_eq!(runtime["containerd"]["runtimes"][RUNC_HANDLER]["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
+        assert_eq!(runtime["restrict_oom_score_adj"].as_bool(), Some(true));
+        assert_eq!(runtime["cni"]["conf_dir"].as_str(), Some("/w/cni/net.d"));
+        assert_eq!(c["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"].as_str(), Some(PAUSE_IMAGE));
+        assert_eq!(c["grpc"]["address"].as_str(), Some("/w/c.sock"));
     }
 }

@@ -9,6 +9,7 @@ use agent_client::{agent::*, AgentClient, AgentError};
 use kata_rs_shim::{Config, Sandbox};
 
 pub mod containerd;
+pub mod cri;
 pub mod load;
 pub mod netns;
 

@@ -308,7 +308,7 @@ async fn a_helper_daemon_killed_during_a_checkpoint_or_a_restore_ends_the_vm() {
     // virtiofsd killed while the restore reads the images through it.
     let h = ctr_restore_in_thread(&c, "d3", "kata-rs-test/daemons:0");
     let start = Instant::now();
-    while !c.dir.join("kr/d3/shared/.restore-images").exists() {
+    while !c.dir.join("kr/d3/shared/.restore-images-d3").exists() {
         assert!(start.elapsed() < SLOW && !h.is_finished(), "the restore of d3 never staged its images");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -328,7 +328,7 @@ async fn hostile_shared_directory_cannot_reach_host_files() {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
             let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().contains(&format!("{} ", shared2.display()));
-            if mounted && std::os::unix::fs::symlink(&can, shared2.join(".restore-images")).is_ok() {
+            if mounted && std::os::unix::fs::symlink(&can, shared2.join(".restore-images-h2")).is_ok() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -339,7 +339,7 @@ async fn hostile_shared_directory_cannot_reach_host_files() {
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(guest.join().unwrap(), "the test could not act as the guest of h2 (ctr: {e})");
     assert!(!o.status.success(), "restore through a guest-made symlink must fail");
-    assert!(e.contains(".restore-images") && e.contains("already exists"), "{e}");
+    assert!(e.contains(".restore-images-h2") && e.contains("already exists"), "{e}");
     canary.assert_intact("symlinked .restore-images");
     if c.task_status("h2").is_some() {
         c.ctr(&["task", "rm", "-f", "h2"]);

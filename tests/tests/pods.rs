@@ -1,0 +1,303 @@
+//! Kubernetes pods through containerd 2.x's CRI plugin (the kubelet's API), with real VMs: one VM per
+//! pod (its sandbox container boots it, the pod's containers join it), CNI from Debian's plugins, and
+//! CRI's CheckpointContainer and restore from the archive into a new pod. Each test runs in its own
+//! network, PID and mount namespaces (kata_rs_tests::netns), with its own containerd.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use kata_rs_tests::{
+    containerd::*,
+    cri::{ContainerSpec, ContainerState, Cri, PodSpec},
+    netns::*,
+};
+
+const T: Duration = Duration::from_secs(120);
+
+const WEB: &str = "mkdir -p /www && echo kata-rs-pod > /www/index.html && echo web-started && exec httpd -f -p 80 -h /www";
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo count $i; sleep 1; done";
+
+/// QEMU processes of this containerd's kata-rs runtime root.
+fn qemus(c: &Containerd) -> Vec<u32> {
+    let root = format!("{}/", c.runtime_root.display());
+    kata_rs_tests::processes_mentioning(&root).into_iter().filter(|(_, cmd)| cmd.contains("qemu-system")).map(|(p, _)| p).collect()
+}
+
+fn exec_ok(cri: &Cri, id: &str, cmd: &[&str]) -> String {
+    let out = cri.exec_sync(id, cmd, 60).unwrap_or_else(|e| panic!("exec {cmd:?} in {id}: {e:#}"));
+    assert_eq!(out.exit_code, 0, "exec {cmd:?} in {id}: stdout {:?} stderr {:?}", out.stdout, out.stderr);
+    out.stdout.trim().to_string()
+}
+
+fn boot_id(cri: &Cri, id: &str) -> String {
+    exec_ok(cri, id, &["cat", "/proc/sys/kernel/random/boot_id"])
+}
+
+/// A pod of kata-rs (`name`), its log directory under the containerd's directory.
+fn run_pod(c: &Containerd, cri: &Cri, name: &str) -> (String, PathBuf) {
+    let logs = c.dir.join("pod-logs").join(name);
+    std::fs::create_dir_all(&logs).unwrap();
+    let id = cri.run_pod_sandbox(&PodSpec::new(name, KATA_HANDLER, &logs)).unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:#}"));
+    (id, logs)
+}
+
+fn run_container(cri: &Cri, pod: &str, name: &str, script: &str) -> String {
+    let id = cri.create_container(pod, &ContainerSpec::new(name, IMAGE, &["sh", "-c", script])).unwrap_or_else(|e| panic!("CreateContainer {name}: {e:#}"));
+    cri.start_container(&id).unwrap_or_else(|e| panic!("StartContainer {name}: {e:#}"));
+    id
+}
+
+fn wait_log(path: &Path, needle: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(start.elapsed() < limit, "{needle:?} not in the CRI log {} after {limit:?}: {text:?}", path.display());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn remove_pod(c: &Containerd, cri: &Cri, pod: &str) {
+    cri.stop_pod_sandbox(pod).unwrap_or_else(|e| panic!("StopPodSandbox: {e:#}"));
+    cri.remove_pod_sandbox(pod).unwrap_or_else(|e| panic!("RemovePodSandbox: {e:#}"));
+    let _ = c;
+}
+
+/// The CNI network namespaces containerd made for pods (in this test's private /run/netns).
+fn pod_netns() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("cni-")).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_two_container_pod_runs_in_one_vm() {
+    if !isolated("a_two_container_pod_runs_in_one_vm") {
+        return;
+    }
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    let (pod, logs) = run_pod(&c, &cri, "web");
+    assert_eq!(qemus(&c).len(), 1, "the pod's sandbox booted one VM");
+    let web = run_container(&cri, &pod, "web", WEB);
+    let client = run_container(&cri, &pod, "client", "echo client-started; exec sleep 100000");
+    assert_eq!(qemus(&c).len(), 1, "the pod's containers joined its VM: still one QEMU");
+    // Both in the same guest kernel, which is not the host's.
+    let (b1, b2) = (boot_id(&cri, &web), boot_id(&cri, &client));
+    assert_eq!(b1, b2, "both containers see one guest boot id");
+    let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_ne!(b1, host_boot.trim(), "the pod runs in a VM, not on the host kernel");
+    // The second container reaches the first over localhost (one network namespace), but has its own
+    // processes and root filesystem.
+    let page = exec_ok(&cri, &client, &["busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:80/"]);
+    assert_eq!(page, "kata-rs-pod");
+    let ps = exec_ok(&cri, &client, &["busybox", "ps", "-o", "comm"]);
+    assert!(!ps.contains("httpd"), "the client has a PID namespace of its own: {ps}");
+    let ls = cri.exec_sync(&client, &["ls", "/www"], 30).unwrap();
+    assert_ne!(ls.exit_code, 0, "the client has a rootfs of its own");
+    // ExecSync's exit code and stderr come back.
+    let failed = cri.exec_sync(&web, &["sh", "-c", "echo oops >&2; exit 3"], 30).unwrap();
+    assert_eq!((failed.exit_code, failed.stderr.trim()), (3, "oops"));
+    // Logs through CRI's log path.
+    let web_log = cri.container_status(&web).unwrap().log_path;
+    assert!(Path::new(&web_log).starts_with(&logs), "{web_log}");
+    let text = wait_log(Path::new(&web_log), "web-started", T);
+    assert!(text.lines().any(|l| l.contains(" stdout F web-started")), "CRI log format: {text:?}");
+    // The pod's address (CNI, in the namespace QEMU runs in) answers from the host.
+    let info = cri.pod_status(&pod).unwrap();
+    assert!(info.ip.starts_with("10.77.0."), "pod IP {info:?}");
+    assert!(http_get(&format!("{}:80", info.ip), T).contains("kata-rs-pod"));
+    assert_eq!(pod_netns().len(), 1);
+    // Removing the pod leaves no process, mount, netns or directory.
+    remove_pod(&c, &cri, &pod);
+    assert!(qemus(&c).is_empty(), "the pod's VM stopped");
+    assert!(pod_netns().is_empty(), "the pod's netns went: {:?}", pod_netns());
+    c.assert_clean();
+}
+
+#[test]
+fn two_pods_run_in_two_vms_isolated_from_each_other() {
+    if !isolated("two_pods_run_in_two_vms_isolated_from_each_other") {
+        return;
+    }
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    let (p1, _) = run_pod(&c, &cri, "one");
+    let (p2, _) = run_pod(&c, &cri, "two");
+    let a = run_container(&cri, &p1, "a", "exec sleep 4141");
+    let b = run_container(&cri, &p2, "b", "exec sleep 4242");
+    assert_eq!(qemus(&c).len(), 2, "one VM per pod");
+    assert_ne!(boot_id(&cri, &a), boot_id(&cri, &b), "two guest kernels");
+    // Each pod's processes are out of the other's sight, even with every process of its VM listed
+    // (a privileged look from the guest's own root namespace is not available to a container; the
+    // container's view must not show the other pod).
+    let seen_from_a = exec_ok(&cri, &a, &["busybox", "ps", "-o", "args"]);
+    assert!(seen_from_a.contains("4141") && !seen_from_a.contains("4242"), "{seen_from_a}");
+    let seen_from_b = exec_ok(&cri, &b, &["busybox", "ps", "-o", "args"]);
+    assert!(seen_from_b.contains("4242") && !seen_from_b.contains("4141"), "{seen_from_b}");
+    // Removing one pod leaves the other running.
+    remove_pod(&c, &cri, &p1);
+    assert_eq!(qemus(&c).len(), 1);
+    assert_eq!(exec_ok(&cri, &b, &["echo", "still-here"]), "still-here");
+    remove_pod(&c, &cri, &p2);
+    c.assert_clean();
+}
+
+fn read_count(cri: &Cri, id: &str) -> u64 {
+    exec_ok(cri, id, &["cat", "/tmp/count"]).parse().unwrap_or_else(|e| panic!("counter of {id}: {e}"))
+}
+
+fn wait_count(cri: &Cri, id: &str, min: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let n = read_count(cri, id);
+        if n >= min {
+            return n;
+        }
+        assert!(start.elapsed() < T, "counter of {id} stuck at {n}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn ctr_checkpoints_a_pod_container_and_restores_it_into_the_running_pod() {
+    if !isolated("ctr_checkpoints_a_pod_container_and_restores_it_into_the_running_pod") {
+        return;
+    }
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    let (pod, _) = run_pod(&c, &cri, "ctrcr");
+    let id = run_container(&cri, &pod, "counter", COUNTER);
+    let boot = boot_id(&cri, &id);
+    let before = wait_count(&cri, &id, 3);
+    // The task API (ctr), not CRI: a checkpoint image of the container and its task.
+    c.ctr_ok(&["--timeout", "600s", "containers", "checkpoint", "--task", "--image", &id, "kata-rs-test/pod-counter:1"]);
+    cri.stop_container(&id, 10).unwrap();
+    cri.remove_container(&id).unwrap();
+    assert_eq!(qemus(&c).len(), 1, "the pod's VM runs on for its sandbox");
+    // As a hostile guest: the pod's VM is running and writes its shared directory. It puts a symlink
+    // to a host directory where the next container's mounts go: the host refuses, mounts nothing.
+    let canary = c.dir.join("canary");
+    std::fs::create_dir_all(&canary).unwrap();
+    std::fs::write(canary.join("secret"), "secret").unwrap();
+    let planted = c.runtime_root.join(&pod).join("shared").join(&id);
+    std::os::unix::fs::symlink(&canary, &planted).unwrap();
+    let o = c.ctr(&["--timeout", "600s", "containers", "restore", "--live", &id, "kata-rs-test/pod-counter:1"]);
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && e.contains("already exists"), "a guest-made {} must be refused: {e}", planted.display());
+    let names: Vec<_> = std::fs::read_dir(&canary).unwrap().flatten().map(|d| d.file_name()).collect();
+    assert_eq!(names, ["secret"], "nothing made in the canary");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&canary.display().to_string()), "nothing mounted on the canary");
+    // (The failed create removed the guest's link itself, never what it points to.)
+    let _ = std::fs::remove_file(&planted);
+    let _ = c.ctr(&["containers", "rm", &id]);
+    assert_eq!(qemus(&c).len(), 1, "the pod's VM runs on after the refused container");
+    // Restored under its old id: its spec names the pod, so its task joins the pod's shim and VM.
+    c.ctr_ok(&["--timeout", "600s", "containers", "restore", "--live", &id, "kata-rs-test/pod-counter:1"]);
+    assert_eq!(qemus(&c).len(), 1, "restored into the pod's VM, not a new one");
+    let n = std::cell::Cell::new(0);
+    let exec = |args: &[&str]| {
+        n.set(n.get() + 1);
+        c.ctr_ok(&[&["tasks", "exec", "--exec-id", &format!("x{}", n.get()), &id][..], args].concat())
+    };
+    assert_eq!(exec(&["cat", "/proc/sys/kernel/random/boot_id"]).trim(), boot);
+    std::thread::sleep(Duration::from_secs(2));
+    let after: u64 = exec(&["cat", "/tmp/count"]).trim().parse().unwrap();
+    assert!(after > before, "the counter went on from {before} (now {after}), not from zero");
+    c.kill_and_remove(&id);
+    remove_pod(&c, &cri, &pod);
+    c.assert_clean();
+}
+
+/// tests/images/registry.py serving the test image on localhost (CRI's restore pulls the checkpointed
+/// container's image by its reference); killed on drop.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port_file = dir.join("registry.port");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/registry.py");
+        let child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(busybox_image())
+            .arg("kata-busybox:latest")
+            .arg("--port-file")
+            .arg(&port_file)
+            .spawn()
+            .expect("python3 registry.py");
+        let start = Instant::now();
+        let port = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file).ok().and_then(|s| s.trim().parse().ok()) {
+                break p;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "registry.py did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        Registry { child, port }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn cri_checkpoint_and_restore_into_a_new_pod_continues_the_counter() {
+    if !isolated("cri_checkpoint_and_restore_into_a_new_pod_continues_the_counter") {
+        return;
+    }
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    let reg = Registry::start(&c.dir);
+    let image = format!("localhost:{}/kata-busybox:latest", reg.port);
+    // Pulled (so that it has a digest reference, which CRI's restore pulls again) over plain HTTP.
+    c.ctr_ok(&["images", "pull", "--plain-http", &image]);
+    // CRI's PullImage would also make the digest reference (the image_ref CRI records); so does this.
+    let listed = c.ctr_ok(&["images", "ls"]);
+    let digest = listed
+        .lines()
+        .find(|l| l.starts_with(&image))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("{image} not listed: {listed}"))
+        .to_string();
+    let by_digest = format!("localhost:{}/kata-busybox@{digest}", reg.port);
+    c.ctr_ok(&["images", "tag", &image, &by_digest]);
+    let (pod1, _) = run_pod(&c, &cri, "origin");
+    let id = cri.create_container(&pod1, &ContainerSpec::new("counter", &image, &["sh", "-c", COUNTER])).unwrap();
+    cri.start_container(&id).unwrap();
+    let boot1 = boot_id(&cri, &id);
+    wait_count(&cri, &id, 5);
+    // CheckpointContainer: containerd pauses the task, the shim checkpoints it (leaving it running)
+    // into containerd's directory, containerd writes the kubelet's archive.
+    let archive = c.dir.join("counter-checkpoint.tar");
+    let dumped_at_least = read_count(&cri, &id);
+    cri.checkpoint_container(&id, &archive, 600).unwrap_or_else(|e| panic!("CheckpointContainer: {e:#}"));
+    let entries = std::process::Command::new("tar").arg("-tf").arg(&archive).output().unwrap();
+    let entries = String::from_utf8_lossy(&entries.stdout).into_owned();
+    for want in ["spec.dump", "config.dump", "checkpoint/inventory.img", "rootfs-diff.tar"] {
+        assert!(entries.lines().any(|l| l.trim_start_matches("./") == want), "{want} not in the archive: {entries}");
+    }
+    assert_eq!(cri.container_status(&id).unwrap().state, ContainerState::ContainerRunning, "the checkpointed container runs on");
+    remove_pod(&c, &cri, &pod1);
+    // Restored into a new pod (a new VM): CreateContainer from the archive, the restore at Start.
+    let (pod2, _) = run_pod(&c, &cri, "restored");
+    let restored =
+        cri.restore_container(&pod2, &archive, &ContainerSpec::new("counter", &image, &[])).unwrap_or_else(|e| panic!("restore CreateContainer: {e:#}"));
+    cri.start_container(&restored).unwrap_or_else(|e| panic!("restore StartContainer: {e:#}"));
+    assert_ne!(boot_id(&cri, &restored), boot1, "restored in another VM");
+    std::thread::sleep(Duration::from_secs(3));
+    let n = read_count(&cri, &restored);
+    assert!(n > dumped_at_least, "the counter went on from its dumped value (at least {dumped_at_least}), now {n}: not restarted from zero");
+    remove_pod(&c, &cri, &pod2);
+    c.assert_clean();
+}
