@@ -79,7 +79,7 @@ test: setup guest-image build
 	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 
 bench: setup guest-image build
-	KATA_RS_HOST_CRIU=$$(bash scripts/host-criu.sh) $(CARGO) run --release -q -p kata-rs-tests --bin bench
+	KATA_RS_HOST_CRIU=$$(bash scripts/host-criu.sh) KATA_RS_BENCH_CRI_CONTAINERD=$$(bash scripts/containerd-debian.sh sid) $(CARGO) run --release -q -p kata-rs-tests --bin bench
 
 # The experiment behind the 1-vCPU default under TCG: soft lockups per vCPU count and TCG threading
 # (docs/architecture.md, known limits). About 15 minutes here.

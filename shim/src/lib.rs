@@ -1,6 +1,7 @@
 //! kata-rs shim library: configuration, sandbox (VM + agent) lifecycle, host checks.
 //! The binary `containerd-shim-kata-rs-v2` is a thin edge over this.
 
+pub mod cgroups;
 pub mod check;
 pub mod checkpoint;
 pub mod config;

@@ -28,6 +28,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    cgroups,
     checkpoint::{self, Staging, CHECKPOINT_DIR},
     config::Config,
     error::TaskError,
@@ -131,6 +132,18 @@ struct PodVm {
     /// Interfaces of QEMU's network namespace mirrored into the VM so far.
     network: network::Network,
     guest_mem_mib: u64,
+    /// A pod's host cgroup (its sandbox spec's cgroupsPath), holding QEMU and its daemons.
+    host_cgroup: Option<cgroups::HostCgroup>,
+}
+
+impl PodVm {
+    /// Stops the VM, then removes the host cgroup it was in.
+    async fn stop(self, mounts: Option<&mounts::ContainerMounts>) {
+        self.sandbox.stop(mounts).await;
+        if let Some(cg) = &self.host_cgroup {
+            cg.remove();
+        }
+    }
 }
 
 /// Everything the shim holds, under one lock.
@@ -344,24 +357,51 @@ impl TaskService {
                 return Err(TaskError::internal(e.to_string()));
             }
         };
+        // A pod's VM goes into the pod's host cgroup (the kubelet's accounting and limits cover it).
+        let cgroup_path = c.spec_json.pointer("/linux/cgroupsPath").and_then(serde_json::Value::as_str).filter(|p| !p.is_empty());
+        let host_cgroup = match (&c.role, cgroup_path) {
+            (spec::PodRole::Sandbox(_), Some(path)) => match cgroups::HostCgroup::place(path, &sandbox.vm.pids()) {
+                Ok(cg) => Some(cg),
+                Err(e @ cgroups::CgroupError::Systemd { .. }) => {
+                    warn!(error = %e, "the pod's VM stays in the shim's cgroup");
+                    None
+                }
+                Err(e) => {
+                    sandbox.stop(Some(&mounts)).await;
+                    return Err(match e {
+                        e @ cgroups::CgroupError::Path { .. } => TaskError::invalid(e.to_string()),
+                        e => TaskError::internal(e.to_string()),
+                    });
+                }
+            },
+            _ => None,
+        };
         let (agent, shared, qemu_pid, mem) = (sandbox.agent.clone(), sandbox.shared.clone(), sandbox.vm.qemu_pid(), config.hypervisor.memory_mib as u64);
+        let network = network::Network::default();
+        let vm = PodVm {
+            id: c.role.group(&req.id).to_string(),
+            pod: matches!(c.role, spec::PodRole::Sandbox(_)),
+            sandbox,
+            network,
+            guest_mem_mib: mem,
+            host_cgroup,
+        };
         let st = match self.create_in_vm(req, c, agent.clone(), shared, qemu_pid, mem, mounts).await {
             Ok(st) => st,
             Err((e, mounts)) => {
-                warn!(id = %req.id, error = %e, console_tail = %sandbox.vm.console_tail(4000), "create failed; the guest console's end follows");
-                sandbox.stop(Some(&mounts)).await;
+                warn!(id = %req.id, error = %e, console_tail = %vm.sandbox.vm.console_tail(4000), "create failed; the guest console's end follows");
+                vm.stop(Some(&mounts)).await;
                 return Err(e);
             }
         };
         // Interfaces already in the namespace (CRI's pod network, a createRuntime hook's) reach the
         // container now; later ones (ctr run --cni) at Start.
-        let mut network = network::Network::default();
-        if let Err(e) = sync_network(&mut network, &sandbox.vm, &agent, &req.id).await {
-            sandbox.stop(Some(&st.mounts)).await;
+        let mut vm = vm;
+        if let Err(e) = sync_network(&mut vm.network, &vm.sandbox.vm, &agent, &req.id).await {
+            vm.stop(Some(&st.mounts)).await;
             return Err(e);
         }
-        let pod = matches!(st.role, spec::PodRole::Sandbox(_));
-        Ok((PodVm { id: st.role.group(&req.id).to_string(), pod, sandbox, network, guest_mem_mib: mem }, st))
+        Ok((vm, st))
     }
 
     /// One of a pod's containers, in the VM its sandbox container booted: mounts made in the running
@@ -484,8 +524,9 @@ impl TaskService {
 
     /// Takes task `id` out of the VM, once: the agent removes its container and its mounts are undone;
     /// the VM stops when no other task is left in it. The task stays listed (for Delete to report).
-    async fn release(g: &mut Shim, id: &str) {
-        let others = g.tasks.iter().any(|(k, t)| k != id && !t.released);
+    async fn release(g: &mut Shim, id: &str, creating: bool) {
+        // A container being created in the VM counts: the VM stays for it.
+        let others = creating || g.tasks.iter().any(|(k, t)| k != id && !t.released);
         let Some(st) = g.tasks.get_mut(id) else {
             return;
         };
@@ -493,6 +534,10 @@ impl TaskService {
             return;
         }
         st.released = true;
+        // Images staged for a restore that never ran (deleted before Start).
+        if let Some(s) = st.restore_staging.take() {
+            s.remove();
+        }
         if st.vm_gone.is_none() {
             let req = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
             if let Err(e) = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await {
@@ -502,8 +547,9 @@ impl TaskService {
         if others {
             st.mounts.teardown_in_running_vm(&st.shared);
         } else if let Some(vm) = g.vm.take() {
-            vm.sandbox.stop(Some(&st.mounts)).await;
-            info!(vm = %vm.id, "VM stopped: no task left in it");
+            let id = vm.id.clone();
+            vm.stop(Some(&st.mounts)).await;
+            info!(vm = %id, "VM stopped: no task left in it");
         } else {
             st.mounts.teardown();
         }
@@ -651,6 +697,15 @@ impl Task for TaskService {
             };
             let mut g = me.state.lock().await;
             me.creating_lock().remove(&r2.id);
+            // The pod's VM stopped while this container was made (its last task was deleted): the
+            // container went with it.
+            let r = match r {
+                Ok((None, st)) if g.vm.is_none() => {
+                    st.mounts.teardown();
+                    Err(TaskError::precondition(format!("container {}: its pod's VM stopped while it was created", r2.id)))
+                }
+                r => r,
+            };
             r.map(|(vm, st)| {
                 let pid = st.host_pid;
                 let gone = vm.as_ref().map(|v| v.sandbox.gone.clone());
@@ -744,7 +799,8 @@ impl Task for TaskService {
                 p.status = PStatus::Stopped;
                 let ts = timestamp().unwrap_or_default();
                 let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
-                TaskService::release(&mut g, &cid).await;
+                let creating = !self.creating_lock().is_empty();
+                TaskService::release(&mut g, &cid, creating).await;
                 drop(g);
                 warn!(cid, error = %e, "restore failed; the container is out of the VM (the VM stopped unless other containers of its pod run in it)");
                 self.publish(
@@ -953,7 +1009,8 @@ impl Task for TaskService {
         let pid = st.host_pid;
         let cid = st.id.clone();
         let poststop = (!st.hooks.poststop.is_empty()).then(|| (st.hooks.poststop.clone(), st.hook_state("stopped")));
-        TaskService::release(&mut g, &cid).await;
+        let creating = !self.creating_lock().is_empty();
+        TaskService::release(&mut g, &cid, creating).await;
         g.tasks.remove(&cid);
         let left = g.tasks.len();
         drop(g);
@@ -973,12 +1030,12 @@ impl Task for TaskService {
     /// serves the pod's other containers until the last one is deleted.
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         let mut g = self.state.lock().await;
-        if !g.tasks.is_empty() || !self.creating_lock().is_empty() {
+        if !g.tasks.is_empty() {
             info!(tasks = g.tasks.len(), "shutdown asked while tasks remain: the shim stays");
             return Ok(Empty::new());
         }
         if let Some(vm) = g.vm.take() {
-            vm.sandbox.stop(None).await;
+            vm.stop(None).await;
         }
         self.exit.signal();
         Ok(Empty::new())
@@ -1090,7 +1147,8 @@ impl TaskService {
     /// staged images; the CRIU log comes back on failure. Returns the guest pid.
     async fn restore_init(&self, agent: &AgentClient, cid: &str, deadline: (u64, &'static str), bundle: &Path, staging: Option<Staging>) -> ttrpc::Result<u32> {
         let (deadline_s, deadline_from) = deadline;
-        let work = format!("{GUEST_WORK}/restore");
+        // Per container: a pod's containers may restore at once.
+        let work = format!("{GUEST_WORK}/restore-{cid}");
         let r = ag::RestoreContainerRequest {
             container_id: cid.to_string(),
             image_path: format!("{GUEST_SHARED}/{}", checkpoint::restore_dir(cid)),
@@ -1116,6 +1174,9 @@ impl TaskService {
                 Ok(r.pid)
             }
             Err(e) => {
+                if let Some(s) = staging {
+                    s.remove();
+                }
                 let log = fetch_guest_log(agent, &format!("{work}/restore.log"), bundle, "restore.log").await;
                 Err(TaskError::internal(format!("restore of {cid} failed: {e}\nfull CRIU log: {log}")))
             }

@@ -48,6 +48,8 @@ pub struct PodSpec {
     /// One PID namespace for the pod's containers (Kubernetes' shareProcessNamespace); otherwise each
     /// container has its own, as the kubelet asks by default.
     pub share_process_namespace: bool,
+    /// The pod's memory limit (the sum of its containers' limits, as the kubelet gives it), bytes.
+    pub memory_limit_bytes: Option<i64>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
 }
@@ -143,6 +145,7 @@ impl PodSpec {
             linux: Some(api::LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent.clone().unwrap_or_default(),
                 security_context: Some(api::LinuxSandboxSecurityContext { namespace_options: Some(self.namespaces()), ..Default::default() }),
+                resources: self.memory_limit_bytes.map(|m| api::LinuxContainerResources { memory_limit_in_bytes: m, ..Default::default() }),
                 ..Default::default()
             }),
             ..Default::default()

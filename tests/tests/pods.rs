@@ -36,10 +36,25 @@ fn boot_id(cri: &Cri, id: &str) -> String {
 
 /// A pod of kata-rs (`name`), its log directory under the containerd's directory.
 fn run_pod(c: &Containerd, cri: &Cri, name: &str) -> (String, PathBuf) {
+    run_pod_with(c, cri, name, |_| {})
+}
+
+fn run_pod_with(c: &Containerd, cri: &Cri, name: &str, change: impl FnOnce(&mut PodSpec)) -> (String, PathBuf) {
     let logs = c.dir.join("pod-logs").join(name);
     std::fs::create_dir_all(&logs).unwrap();
-    let id = cri.run_pod_sandbox(&PodSpec::new(name, KATA_HANDLER, &logs)).unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:#}"));
+    let mut pod = PodSpec::new(name, KATA_HANDLER, &logs);
+    change(&mut pod);
+    let id = cri.run_pod_sandbox(&pod).unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:#}"));
     (id, logs)
+}
+
+/// The `-m` of the QEMU of pod `pod` (MiB).
+fn qemu_memory_mib(c: &Containerd, pod: &str) -> u64 {
+    let dir = c.runtime_root.join(pod).display().to_string();
+    let (_, cmd) = kata_rs_tests::processes_mentioning(&dir).into_iter().find(|(_, cmd)| cmd.contains("qemu-system")).expect("the pod's QEMU");
+    let args: Vec<&str> = cmd.split_whitespace().collect();
+    let m = args.windows(2).find(|w| w[0] == "-m").map(|w| w[1]).expect("QEMU's -m");
+    m.trim_end_matches('M').parse().unwrap_or_else(|e| panic!("-m {m}: {e}"))
 }
 
 fn run_container(cri: &Cri, pod: &str, name: &str, script: &str) -> String {
@@ -80,8 +95,14 @@ fn a_two_container_pod_runs_in_one_vm() {
     }
     let c = Containerd::start_cri();
     let cri = c.cri();
-    let (pod, logs) = run_pod(&c, &cri, "web");
-    assert_eq!(qemus(&c).len(), 1, "the pod's sandbox booted one VM");
+    // The pod's cgroup parent, as the kubelet gives it (cgroupfs): the VM is placed below it on the host.
+    let parent = format!("/kata-rs-test-{}", std::process::id());
+    let (pod, logs) = run_pod_with(&c, &cri, "web", |p| p.cgroup_parent = Some(parent.clone()));
+    let vms = qemus(&c);
+    assert_eq!(vms.len(), 1, "the pod's sandbox booted one VM");
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vms[0])).unwrap();
+    let pod_cgroup = format!("{parent}/{pod}");
+    assert!(cgroups.lines().any(|l| l.contains(":memory:") && l.ends_with(&pod_cgroup)), "QEMU in the pod's host cgroup {pod_cgroup}: {cgroups}");
     let web = run_container(&cri, &pod, "web", WEB);
     let client = run_container(&cri, &pod, "client", "echo client-started; exec sleep 100000");
     assert_eq!(qemus(&c).len(), 1, "the pod's containers joined its VM: still one QEMU");
@@ -106,6 +127,16 @@ fn a_two_container_pod_runs_in_one_vm() {
     assert!(Path::new(&web_log).starts_with(&logs), "{web_log}");
     let text = wait_log(Path::new(&web_log), "web-started", T);
     assert!(text.lines().any(|l| l.contains(" stdout F web-started")), "CRI log format: {text:?}");
+    // The same calls by hand: the kata-rs-cri CLI.
+    let cli = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kata-rs-cri")).arg("--address").arg(&c.address).args(args).output().unwrap();
+        assert!(o.status.success(), "kata-rs-cri {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let ps = cli(&["ps", &pod]);
+    assert!(ps.contains(&web) && ps.contains(&client), "kata-rs-cri ps: {ps}");
+    assert_eq!(cli(&["exec", &client, "--", "echo", "via-cli"]).trim(), "via-cli");
+    assert!(cli(&["logs", &web]).contains("web-started"));
     // The pod's address (CNI, in the namespace QEMU runs in) answers from the host.
     let info = cri.pod_status(&pod).unwrap();
     assert!(info.ip.starts_with("10.77.0."), "pod IP {info:?}");
@@ -114,6 +145,8 @@ fn a_two_container_pod_runs_in_one_vm() {
     // Removing the pod leaves no process, mount, netns or directory.
     remove_pod(&c, &cri, &pod);
     assert!(qemus(&c).is_empty(), "the pod's VM stopped");
+    let memcg = Path::new("/sys/fs/cgroup/memory").join(parent.trim_start_matches('/'));
+    assert!(!memcg.exists(), "the pod's host cgroup (and the parent the shim made) went: {}", memcg.display());
     assert!(pod_netns().is_empty(), "the pod's netns went: {:?}", pod_netns());
     c.assert_clean();
 }
@@ -126,7 +159,10 @@ fn two_pods_run_in_two_vms_isolated_from_each_other() {
     let c = Containerd::start_cri();
     let cri = c.cri();
     let (p1, _) = run_pod(&c, &cri, "one");
-    let (p2, _) = run_pod(&c, &cri, "two");
+    // The second pod has a memory limit: its VM is the configured size plus the limit.
+    let (p2, _) = run_pod_with(&c, &cri, "two", |p| p.memory_limit_bytes = Some(256 << 20));
+    let base = kata_rs_tests::test_config().hypervisor.memory_mib as u64;
+    assert_eq!((qemu_memory_mib(&c, &p1), qemu_memory_mib(&c, &p2)), (base, base + 256), "pod VM sizes: the base, and the base plus the pod's limit");
     let a = run_container(&cri, &p1, "a", "exec sleep 4141");
     let b = run_container(&cri, &p2, "b", "exec sleep 4242");
     assert_eq!(qemus(&c).len(), 2, "one VM per pod");

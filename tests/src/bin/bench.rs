@@ -26,10 +26,16 @@ fn result(name: &str, value: f64, unit: &str, note: &str) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // The network figures run in namespaces of their own (this binary again, under unshare).
+    // The network and pod figures run in namespaces of their own (this binary again, under unshare).
     if std::env::args().nth(1).as_deref() == Some("network") && kata_rs_tests::netns::inside() {
         kata_rs_tests::netns::setup_inside();
         network_figures().await;
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("pods") && kata_rs_tests::netns::inside() {
+        kata_rs_tests::netns::setup_inside();
+        // The CRI client blocks on a runtime of its own: off this one's workers.
+        std::thread::spawn(pod_figures).join().expect("pod figures");
         return;
     }
     // The runc baseline's CRIU (scripts/host-criu.sh): first on containerd's PATH, so runc finds it.
@@ -84,6 +90,22 @@ async fn main() {
     let st = kata_rs_tests::netns::run_isolated(&["network"]);
     if !st.success() {
         println!("# network figures incomplete: their isolated run ended with {st}");
+    }
+    // Pods need containerd 2.x's CRI (make bench unpacks Debian sid's containerd for them).
+    match std::env::var_os("KATA_RS_BENCH_CRI_CONTAINERD") {
+        Some(dir) => {
+            let before = std::env::var_os("KATA_RS_CONTAINERD_BIN_DIR");
+            std::env::set_var("KATA_RS_CONTAINERD_BIN_DIR", dir);
+            let st = kata_rs_tests::netns::run_isolated(&["pods"]);
+            if !st.success() {
+                println!("# pod figures incomplete: their isolated run ended with {st}");
+            }
+            match before {
+                Some(b) => std::env::set_var("KATA_RS_CONTAINERD_BIN_DIR", b),
+                None => std::env::remove_var("KATA_RS_CONTAINERD_BIN_DIR"),
+            }
+        }
+        None => println!("# pod figures skipped: KATA_RS_BENCH_CRI_CONTAINERD (a containerd 2.x bin directory) is not set"),
     }
     load_figures();
 }
@@ -159,6 +181,53 @@ async fn network_figures() {
         }
         cni_del(&netns, &ns);
         let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+}
+
+/// Through containerd 2.x's CRI (the kubelet's calls), with CNI: RunPodSandbox, CreateContainer and
+/// StartContainer of one busybox container, until CRI reports the container running; kata-rs (a VM
+/// per pod) and runc in the same containerd, each pod removed before the next.
+fn pod_figures() {
+    use kata_rs_tests::{
+        containerd::{Containerd, IMAGE, KATA_HANDLER, RUNC_HANDLER},
+        cri::{ContainerSpec, ContainerState, PodSpec},
+    };
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    for (name, handler) in [("kata_rs", KATA_HANDLER), ("runc_v2", RUNC_HANDLER)] {
+        let mut times = Vec::new();
+        for i in 0..3 {
+            let logs = c.dir.join(format!("logs-{name}-{i}"));
+            std::fs::create_dir_all(&logs).unwrap();
+            let t = Instant::now();
+            let run = || -> anyhow::Result<String> {
+                let pod = cri.run_pod_sandbox(&PodSpec::new(&format!("bench-{name}-{i}"), handler, &logs))?;
+                let id = cri.create_container(&pod, &ContainerSpec::new("app", IMAGE, &["sleep", "100000"]))?;
+                cri.start_container(&id)?;
+                cri.wait_container_state(&id, ContainerState::ContainerRunning, Duration::from_secs(300))?;
+                Ok(pod)
+            };
+            match run() {
+                Ok(pod) => {
+                    times.push(t.elapsed().as_secs_f64());
+                    let _ = cri.stop_pod_sandbox(&pod);
+                    let _ = cri.remove_pod_sandbox(&pod);
+                }
+                Err(e) => {
+                    println!("# pod_start_to_container_running_s[{name}] not measured: {e:#}");
+                    break;
+                }
+            }
+        }
+        if !times.is_empty() {
+            let n = times.len();
+            result(
+                &format!("pod_start_to_container_running_s[{name}]"),
+                median(times),
+                "s",
+                &format!("median of {n}: CRI RunPodSandbox + CreateContainer + StartContainer until the container runs"),
+            );
+        }
     }
 }
 

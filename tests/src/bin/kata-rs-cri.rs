@@ -22,7 +22,7 @@
 //!   "annotations": {"io.kata-rs.x": "1"}}` and
 //! `{"name": "app", "image": "docker.io/library/kata-busybox:latest", "args": ["sleep", "3600"],
 //!   "env": {"A": "b"}, "log_path": "app.log"}`; further fields: namespace, uid, hostname,
-//! cgroup_parent, labels (pod); command, working_dir, labels, annotations (container).
+//! cgroup_parent, share_process_namespace, memory_limit_bytes, labels (pod); command, working_dir, labels, annotations (container).
 //! `create` takes the pod's file again because CRI wants the pod's config with each container.
 use std::path::Path;
 
