@@ -47,11 +47,6 @@ pub struct ContainerMounts {
     shared_mounts: Vec<OwnedFd>,
 }
 
-/// The shared-directory path of container `id`'s rootfs.
-pub fn shared_rootfs(shared_dir: &Path, id: &str) -> PathBuf {
-    shared_dir.join(id).join("rootfs")
-}
-
 fn safe_err(e: SafeFsError) -> MountError {
     MountError::Shared(e.to_string())
 }

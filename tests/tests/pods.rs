@@ -75,10 +75,9 @@ fn wait_log(path: &Path, needle: &str, limit: Duration) -> String {
     }
 }
 
-fn remove_pod(c: &Containerd, cri: &Cri, pod: &str) {
+fn remove_pod(cri: &Cri, pod: &str) {
     cri.stop_pod_sandbox(pod).unwrap_or_else(|e| panic!("StopPodSandbox: {e:#}"));
     cri.remove_pod_sandbox(pod).unwrap_or_else(|e| panic!("RemovePodSandbox: {e:#}"));
-    let _ = c;
 }
 
 /// The CNI network namespaces containerd made for pods (in this test's private /run/netns).
@@ -143,7 +142,7 @@ fn a_two_container_pod_runs_in_one_vm() {
     assert!(http_get(&format!("{}:80", info.ip), T).contains("kata-rs-pod"));
     assert_eq!(pod_netns().len(), 1);
     // Removing the pod leaves no process, mount, netns or directory.
-    remove_pod(&c, &cri, &pod);
+    remove_pod(&cri, &pod);
     assert!(qemus(&c).is_empty(), "the pod's VM stopped");
     let memcg = Path::new("/sys/fs/cgroup/memory").join(parent.trim_start_matches('/'));
     assert!(!memcg.exists(), "the pod's host cgroup (and the parent the shim made) went: {}", memcg.display());
@@ -175,10 +174,10 @@ fn two_pods_run_in_two_vms_isolated_from_each_other() {
     let seen_from_b = exec_ok(&cri, &b, &["busybox", "ps", "-o", "args"]);
     assert!(seen_from_b.contains("4242") && !seen_from_b.contains("4141"), "{seen_from_b}");
     // Removing one pod leaves the other running.
-    remove_pod(&c, &cri, &p1);
+    remove_pod(&cri, &p1);
     assert_eq!(qemus(&c).len(), 1);
     assert_eq!(exec_ok(&cri, &b, &["echo", "still-here"]), "still-here");
-    remove_pod(&c, &cri, &p2);
+    remove_pod(&cri, &p2);
     c.assert_clean();
 }
 
@@ -245,7 +244,7 @@ fn ctr_checkpoints_a_pod_container_and_restores_it_into_the_running_pod() {
     let after: u64 = exec(&["cat", "/tmp/count"]).trim().parse().unwrap();
     assert!(after > before, "the counter went on from {before} (now {after}), not from zero");
     c.kill_and_remove(&id);
-    remove_pod(&c, &cri, &pod);
+    remove_pod(&cri, &pod);
     c.assert_clean();
 }
 
@@ -324,7 +323,7 @@ fn cri_checkpoint_and_restore_into_a_new_pod_continues_the_counter() {
         assert!(entries.lines().any(|l| l.trim_start_matches("./") == want), "{want} not in the archive: {entries}");
     }
     assert_eq!(cri.container_status(&id).unwrap().state, ContainerState::ContainerRunning, "the checkpointed container runs on");
-    remove_pod(&c, &cri, &pod1);
+    remove_pod(&cri, &pod1);
     // Restored into a new pod (a new VM): CreateContainer from the archive, the restore at Start.
     let (pod2, _) = run_pod(&c, &cri, "restored");
     let restored =
@@ -334,6 +333,6 @@ fn cri_checkpoint_and_restore_into_a_new_pod_continues_the_counter() {
     std::thread::sleep(Duration::from_secs(3));
     let n = read_count(&cri, &restored);
     assert!(n > dumped_at_least, "the counter went on from its dumped value (at least {dumped_at_least}), now {n}: not restarted from zero");
-    remove_pod(&c, &cri, &pod2);
+    remove_pod(&cri, &pod2);
     c.assert_clean();
 }
