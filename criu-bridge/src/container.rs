@@ -12,7 +12,7 @@ use std::{
 use nix::{fcntl::OFlag, sys::signal::Signal};
 use serde_json::Value;
 use tokio::sync::{watch, Mutex, OnceCell};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     cmd,
@@ -184,7 +184,10 @@ impl Process {
     }
 
     /// `since`: when the runc command that started the process began (an older status is not its exit).
-    fn watch_exit(&self, reaper: &Arc<Reaper>, pid: u32, since: std::time::Instant) {
+    /// `kill_cgroup`: a container's init without a PID namespace of its own (it shares the pod's): when
+    /// it exits, every other process of the container is killed through its cgroup, as runc's shim does,
+    /// so that none of them keeps the container's stdio (and its Stop) open.
+    fn watch_exit(&self, reaper: &Arc<Reaper>, pid: u32, since: std::time::Instant, kill_cgroup: Option<PathBuf>) {
         self.pid.store(pid, std::sync::atomic::Ordering::SeqCst);
         let tx = self.exit_tx.clone();
         // Registered now, before this returns: from here on a signal reaches this process or nothing.
@@ -192,6 +195,9 @@ impl Process {
         tokio::spawn(async move {
             let code = exit.wait().await;
             info!(pid, code, "process exited");
+            if let Some(cg) = kill_cgroup {
+                kill_cgroup_processes(&cg);
+            }
             let _ = tx.send(Some(ExitInfo { code, at: SystemTime::now() }));
         });
     }
@@ -240,6 +246,28 @@ impl Process {
     }
 }
 
+/// Kills every process of the cgroup `dir` (cgroup v2's `cgroup.kill`, in one go: no process can fork
+/// away meanwhile).
+fn kill_cgroup_processes(dir: &Path) {
+    match fs::write(dir.join("cgroup.kill"), "1") {
+        Ok(()) => info!(cgroup = %dir.display(), "the container's init exited: its other processes were killed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(cgroup = %dir.display(), error = %e, "killing the container's remaining processes"),
+    }
+}
+
+/// The guest cgroup of container `id` (runc's cgroupsPath below the cgroup v2 root).
+fn cgroup_dir(cgroups_path: &str) -> PathBuf {
+    Path::new("/sys/fs/cgroup").join(cgroups_path.trim_start_matches('/'))
+}
+
+/// Whether the spec gives the container a PID namespace of its own (one without a path to join).
+fn has_own_pid_ns(spec: &Value) -> bool {
+    spec.pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|n| n.get("type").and_then(Value::as_str) == Some("pid") && n.get("path").and_then(Value::as_str).unwrap_or("").is_empty()))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Created,
@@ -262,6 +290,8 @@ pub struct Container {
     pub external_mounts: Vec<String>,
     /// The container's named network namespace (`network::NETNS_DIR/<id>`), when its spec asks for one.
     pub netns: Option<String>,
+    /// The container's cgroup, when its init has no PID namespace of its own: emptied when the init exits.
+    kill_cgroup: Option<PathBuf>,
 }
 
 /// Which pod a container is part of, and the namespaces it shares with the pod's sandbox container.
@@ -437,15 +467,16 @@ impl Containers {
         let obj = spec.as_object_mut().ok_or_else(|| ContainerError::Invalid("OCI spec is not an object".into()))?;
         obj.insert("root".into(), serde_json::json!({"path": rootfs, "readonly": false}));
         let linux = obj.entry("linux").or_insert_with(|| serde_json::json!({}));
+        // A pod's containers in cgroups under the pod's (the sandbox container's too).
+        let cgroups_path = if pod.sandbox_id.is_empty() { format!("/kata-rs/{id}") } else { format!("/kata-rs/{}/{id}", pod.sandbox_id) };
         if let Some(l) = linux.as_object_mut() {
-            // A pod's containers in cgroups under the pod's (the sandbox container's too).
-            let path = if pod.sandbox_id.is_empty() { format!("/kata-rs/{id}") } else { format!("/kata-rs/{}/{id}", pod.sandbox_id) };
-            l.insert("cgroupsPath".into(), Value::String(path));
+            l.insert("cgroupsPath".into(), Value::String(cgroups_path.clone()));
         }
         let joins_pod = !pod.sandbox_id.is_empty() && pod.sandbox_id != id;
         if joins_pod {
             self.join_sandbox_namespaces(&mut spec, pod).await?;
         }
+        let kill_cgroup = (!has_own_pid_ns(&spec)).then(|| cgroup_dir(&cgroups_path));
         let wants_netns = spec
             .pointer("/linux/namespaces")
             .and_then(Value::as_array)
@@ -515,11 +546,11 @@ impl Containers {
                 return Err(runc_err("runc create".into(), &detail));
             }
             let pid = read_pid(&pid_file)?;
-            init.watch_exit(&self.reaper, pid, since);
+            init.watch_exit(&self.reaper, pid, since, kill_cgroup.clone());
             None
         };
         let pid = init.pid();
-        let c = Container { bundle, init: Arc::new(init), execs: HashMap::new(), status: Status::Created, pending_stdio: pending, external_mounts, netns };
+        let c = Container { bundle, init: Arc::new(init), execs: HashMap::new(), status: Status::Created, pending_stdio: pending, external_mounts, netns, kill_cgroup };
         self.map.lock().await.insert(id.into(), Arc::new(Mutex::new(c)));
         info!(id, for_restore, pid, "container created");
         Ok(pid)
@@ -584,7 +615,7 @@ impl Containers {
             return Err(runc_err("runc exec".into(), &runc_log_error(&c.bundle.join("runc.log"))));
         }
         let pid = read_pid(&pid_file)?;
-        proc_.watch_exit(&self.reaper, pid, since);
+        proc_.watch_exit(&self.reaper, pid, since, None);
         c.execs.insert(exec_id.into(), Arc::new(proc_));
         Ok(pid)
     }
@@ -844,7 +875,7 @@ impl Containers {
             return Err(with_criu_log(e, &req.work_path, "restore.log"));
         }
         let pid = read_pid(&pid_file)?;
-        c.init.watch_exit(&self.reaper, pid, since);
+        c.init.watch_exit(&self.reaper, pid, since, c.kill_cgroup.clone());
         c.status = Status::Running;
         Ok(pid)
     }

@@ -1,22 +1,25 @@
-//! Host mounts of one container: containerd's rootfs mounts on `<bundle>/rootfs`, a bind mount of
-//! that rootfs into the sandbox's shared directory, and one bind mount per volume (the spec's host
-//! bind mounts) at `<shared>/<id>/volumes/<n>`, read-only where the spec says so. The shared
-//! directory is a shared mount, so that virtiofsd (a slave copy in its own namespace) sees mounts made
-//! after it started: a pod's later containers. Those are made in a directory the guest writes, so
-//! every one is made through pinned descriptors on directories the host just created.
+//! Host mounts of one container: containerd's rootfs mounts on `<bundle>/rootfs`, a copy of that
+//! rootfs in the sandbox's shared directory, and one copy per volume (the spec's host bind mounts) at
+//! `<shared>/<id>/volumes/<n>`. Each copy is a detached mount tree (`open_tree(OPEN_TREE_CLONE)`) whose
+//! flags are set before it is attached (`mount_setattr`, then `move_mount`): nosuid and nodev, read-only
+//! on the top mount (`ro`) or throughout (`rro`), private or a slave of its source. The shared directory
+//! is a shared mount, so virtiofsd (a slave copy in its own mount namespace) receives mounts made after
+//! it started, a pod's later containers, and every copy it receives is born with those flags: a remount
+//! would change only the host namespace's copy. Mounts in a running VM's shared directory (a directory
+//! the guest writes) are made through pinned descriptors on directories the host just created.
 use std::{
     ffi::OsStr,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use containerd_shim::protos::types::mount::Mount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use tracing::warn;
 
 use crate::{
     safefs::{Dir, SafeFsError},
-    spec::Volume,
+    spec::{Propagation, ReadOnly, Volume},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,23 +54,81 @@ fn safe_err(e: SafeFsError) -> MountError {
     MountError::Shared(e.to_string())
 }
 
-/// Bind-mounts `source` on the directory `on` (through its descriptor: whatever the guest renamed
-/// meanwhile, the mount lands on that directory), then pins the new mount's root by its name in `parent`.
-fn bind_pinned(source: &Path, parent: &Dir, name: &str, on: &Path, flags: MsFlags) -> Result<OwnedFd, MountError> {
-    let target = parent.path().join(name);
-    mount(Some(source), on, None::<&str>, MsFlags::MS_BIND | flags, None::<&str>).map_err(|e| MountError::Mount {
-        what: format!("bind {}", source.display()),
+/// How the host copy of a tree is made: every copy of it, in every mount namespace (virtiofsd's
+/// included), is born with these flags, because they are set on the detached tree before it is attached.
+#[derive(Debug, Clone, Copy)]
+struct TreeAttrs {
+    /// Submounts come along (`rbind`).
+    recursive: bool,
+    readonly: ReadOnly,
+    propagation: Propagation,
+}
+
+// Not all of these are in libc for every target; the values are the kernel's (include/uapi/linux/mount.h).
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+fn errno_of(r: libc::c_long) -> Result<libc::c_long, nix::errno::Errno> {
+    if r < 0 {
+        Err(nix::errno::Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH [| AT_RECURSIVE], {set, propagation})`.
+fn mount_setattr(fd: BorrowedFd<'_>, recursive: bool, set: u64, propagation: u64) -> Result<(), nix::errno::Errno> {
+    let attr = libc::mount_attr { attr_set: set, attr_clr: 0, propagation, userns_fd: 0 };
+    let flags = libc::AT_EMPTY_PATH as libc::c_uint | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: a valid descriptor, an empty NUL-terminated path, and a mount_attr of the size passed.
+    errno_of(unsafe {
+        libc::syscall(libc::SYS_mount_setattr, fd.as_raw_fd(), c"".as_ptr(), flags, &attr as *const libc::mount_attr, std::mem::size_of::<libc::mount_attr>())
+    })
+    .map(|_| ())
+}
+
+/// A detached copy of the host tree at `source` (`open_tree(OPEN_TREE_CLONE)`), its flags and
+/// propagation set while nothing else can see it: nosuid and nodev throughout, read-only on the top
+/// mount (`ro`) or throughout (`rro`), private (the host source's later mounts are not seen) or a slave of
+/// the source (they are seen, nothing goes back).
+fn detached_tree(source: &Path, attrs: TreeAttrs) -> Result<OwnedFd, nix::errno::Errno> {
+    let path = std::ffi::CString::new(source.as_os_str().as_encoded_bytes()).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | if attrs.recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: a NUL-terminated path; the kernel returns a new descriptor that nothing else owns.
+    let fd = errno_of(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) })?;
+    // SAFETY: see above.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let propagation = match attrs.propagation {
+        Propagation::Private => libc::MS_PRIVATE,
+        Propagation::Slave => libc::MS_SLAVE,
+    };
+    let mut all = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if attrs.readonly == ReadOnly::Recursive {
+        all |= libc::MOUNT_ATTR_RDONLY;
+    }
+    mount_setattr(tree.as_fd(), true, all, propagation)?;
+    if attrs.readonly == ReadOnly::Top {
+        mount_setattr(tree.as_fd(), false, libc::MOUNT_ATTR_RDONLY, 0)?;
+    }
+    Ok(tree)
+}
+
+/// Copies the host tree at `source` onto `on` (a directory or file the host just made, by its
+/// descriptor: whatever the guest renamed meanwhile, the mount lands on that one) as a detached tree
+/// with its final flags ([`detached_tree`]), then attaches it. Returns the mount's root, pinned.
+fn mount_tree(source: &Path, on: BorrowedFd<'_>, target: &Path, attrs: TreeAttrs) -> Result<OwnedFd, MountError> {
+    let fail = |step: &str, e: nix::errno::Errno| MountError::Mount {
+        what: format!("{step} {} ({attrs:?})", source.display()),
         target: target.display().to_string(),
         message: e.to_string(),
-    })?;
-    match parent.open_mount_root(OsStr::new(name)) {
-        Ok(fd) => Ok(fd),
-        Err(e) => {
-            // Not where it was made: the guest moved it. Undo through the descriptor it was made on.
-            let _ = umount2(on, MntFlags::MNT_DETACH);
-            Err(safe_err(e))
-        }
-    }
+    };
+    let tree = detached_tree(source, attrs).map_err(|e| fail("copying", e))?;
+    let flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH;
+    // SAFETY: two valid descriptors and empty NUL-terminated paths.
+    errno_of(unsafe { libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), c"".as_ptr(), on.as_raw_fd(), c"".as_ptr(), flags) })
+        .map_err(|e| fail("attaching", e))?;
+    Ok(tree)
 }
 
 impl ContainerMounts {
@@ -102,7 +163,8 @@ impl ContainerMounts {
     fn bind_shared(&mut self, rootfs: &Path, volumes: &[Volume], shared: &Dir) -> Result<(), MountError> {
         let cdir = shared.create_dir(OsStr::new(&self.id), 0o755).map_err(safe_err)?;
         let rdir = cdir.create_dir(OsStr::new("rootfs"), 0o755).map_err(safe_err)?;
-        self.shared_mounts.push(bind_pinned(rootfs, &cdir, "rootfs", &rdir.fd_path(), MsFlags::MS_REC)?);
+        let attrs = TreeAttrs { recursive: true, readonly: ReadOnly::No, propagation: Propagation::Private };
+        self.shared_mounts.push(mount_tree(rootfs, rdir.as_fd(), &cdir.path().join("rootfs"), attrs)?);
         if volumes.is_empty() {
             return Ok(());
         }
@@ -141,41 +203,27 @@ impl ContainerMounts {
     }
 }
 
-/// Binds a volume's host source on `<vdir>/<n>` (a directory or an empty file, like the source).
-/// Read-only volumes are remounted read-only on the host as well, so virtiofsd cannot write them
-/// whatever the guest asks. On failure the caller unmounts what was made.
+/// Mounts a volume's host source on `<vdir>/<n>` (a directory or an empty file, like the source) as a
+/// detached tree born with its final flags ([`mount_tree`]): virtiofsd's copy, made by propagation,
+/// has them too, so the guest cannot write a read-only volume whatever it asks. On failure the caller
+/// unmounts what was made.
 fn bind_volume(v: &Volume, vdir: &Dir) -> Result<OwnedFd, MountError> {
     let bad = |reason: String| MountError::VolumeSource { destination: v.destination.clone(), source_path: v.source.clone(), reason };
     // The source is the host's (from containerd's spec); following its symlinks is what runc does too.
     let meta = std::fs::metadata(&v.source).map_err(|e| bad(format!("cannot be used: {e}")))?;
     let name = OsStr::new(&v.shared_name);
+    let target = vdir.path().join(name);
+    let attrs = TreeAttrs { recursive: v.recursive, readonly: v.readonly, propagation: v.propagation };
     // The directory or empty file made for it stays open (pinned) until the mount is made on it.
-    let (mut keep_dir, mut keep_file) = (None, None);
-    let on = if meta.is_dir() {
+    if meta.is_dir() {
         let d = vdir.create_dir(name, 0o755).map_err(safe_err)?;
-        keep_dir.insert(d).fd_path()
+        mount_tree(Path::new(&v.source), d.as_fd(), &target, attrs)
     } else if meta.is_file() {
         let f = vdir.create_file(name, 0o600).map_err(safe_err)?;
-        PathBuf::from(format!("/proc/self/fd/{}", keep_file.insert(f).as_raw_fd()))
+        mount_tree(Path::new(&v.source), f.as_fd(), &target, attrs)
     } else {
-        return Err(bad("is neither a directory nor a regular file: sockets and devices cannot be shared with a VM".into()));
-    };
-    let flags = if v.recursive { MsFlags::MS_REC } else { MsFlags::empty() };
-    let root = bind_pinned(Path::new(&v.source), vdir, &v.shared_name, &on, flags)?;
-    drop((keep_dir, keep_file));
-    if v.readonly {
-        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        let p = format!("/proc/self/fd/{}", root.as_raw_fd());
-        if let Err(e) = mount(None::<&str>, p.as_str(), None::<&str>, ro, None::<&str>) {
-            let _ = umount2(p.as_str(), MntFlags::MNT_DETACH);
-            return Err(MountError::Mount {
-                what: format!("bind {} read-only", v.source),
-                target: vdir.path().join(name).display().to_string(),
-                message: e.to_string(),
-            });
-        }
+        Err(bad("is neither a directory nor a regular file: sockets and devices cannot be shared with a VM".into()))
     }
-    Ok(root)
 }
 
 /// Unmounts `p` (all stacked mounts) if something is mounted there.

@@ -66,6 +66,12 @@ pub struct Dir {
     path: PathBuf,
 }
 
+impl AsFd for Dir {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 const RESOLVE: u64 = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_XDEV | libc::RESOLVE_NO_MAGICLINKS;
 
 fn io_err(path: &Path, e: impl Into<std::io::Error>) -> SafeFsError {

@@ -233,9 +233,23 @@ impl Sandbox {
     /// Stops the VM and its daemons, removes the container's mounts (when given) and then the sandbox
     /// directory: the shared directory's tmpfs is unmounted (with every mount below it), never walked.
     pub async fn stop(self, mounts: Option<&crate::mounts::ContainerMounts>) {
+        self.end(mounts, false).await
+    }
+
+    /// Like [`Sandbox::stop`], but without waiting for the guest: QEMU gets a short-bounded QMP quit,
+    /// then SIGKILL (for a guest that does not let its processes die).
+    pub async fn kill(self) {
+        self.end(None, true).await
+    }
+
+    async fn end(self, mounts: Option<&crate::mounts::ContainerMounts>, kill: bool) {
         // A stop the host asked for is not a VM that died.
         self.watcher.abort();
-        self.vm.shutdown().await;
+        if kill {
+            self.vm.kill().await;
+        } else {
+            self.vm.shutdown().await;
+        }
         drop(self.shared);
         remove_sandbox_dir(&self.dir);
         if let Some(m) = mounts {

@@ -18,9 +18,71 @@ pub struct Volume {
     pub guest_source: String,
     /// Name of its mount point in the container's shared directory (`volumes/<n>`).
     pub shared_name: String,
-    pub readonly: bool,
+    /// `ro`: the top mount only (OCI's meaning, as runc does); `rro`: every submount too.
+    pub readonly: ReadOnly,
     /// `rbind` (submounts come along) rather than `bind`.
     pub recursive: bool,
+    /// How mounts the host makes later below the source reach the copy the guest sees.
+    pub propagation: Propagation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOnly {
+    No,
+    /// `ro`: the bind's top mount is read-only, its submounts keep their flags.
+    Top,
+    /// `rro`: the top mount and every submount are read-only.
+    Recursive,
+}
+
+/// Propagation of a volume's copy. `rshared` (Kubernetes' Bidirectional) is refused: mounts made in a
+/// VM never reach the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// `rprivate`, `private`, `runbindable`, `unbindable`, or nothing said: nothing the host mounts
+    /// below the source later is seen.
+    Private,
+    /// `rslave`, `slave` (Kubernetes' HostToContainer): mounts the host makes below the source later are
+    /// seen, nothing goes back.
+    Slave,
+}
+
+/// The volume options that decide its host copy: read-only-ness and propagation. Other options
+/// (nosuid, nodev, noexec, ...) are the guest's runc's to apply; the host copy is always nosuid,nodev.
+fn volume_options(dest: &str, opts: &[String]) -> Result<(ReadOnly, Propagation), SpecError> {
+    let has = |o: &str| opts.iter().any(|x| x == o);
+    let readonly = if has("rro") {
+        ReadOnly::Recursive
+    } else if has("ro") {
+        ReadOnly::Top
+    } else {
+        ReadOnly::No
+    };
+    let mut prop = None;
+    for o in opts {
+        let p = match o.as_str() {
+            "rprivate" | "private" | "runbindable" | "unbindable" => Propagation::Private,
+            "rslave" | "slave" => Propagation::Slave,
+            "rshared" | "shared" => {
+                return Err(SpecError::Invalid(format!(
+                    "bind mount on {dest}: propagation {o} (Kubernetes' Bidirectional) cannot work across a VM: mounts made in the guest never reach the host; use rslave (HostToContainer) or rprivate"
+                )))
+            }
+            _ => continue,
+        };
+        if prop.is_some_and(|q| q != p) {
+            return Err(SpecError::Invalid(format!("bind mount on {dest}: more than one propagation in its options {opts:?}")));
+        }
+        prop = Some(p);
+    }
+    let prop = prop.unwrap_or(Propagation::Private);
+    if readonly == ReadOnly::Recursive && prop == Propagation::Slave {
+        // The kernel applies no flag to mounts that arrive by propagation later: they would come writable.
+        return Err(SpecError::Invalid(format!(
+            "bind mount on {dest}: rro with rslave: mounts the host makes below the source later would arrive writable (Kubernetes allows recursiveReadOnly only with mountPropagation None); use rro with rprivate"
+        )));
+    }
+    Ok((readonly, prop))
 }
 
 /// What was changed, for the log.
@@ -179,6 +241,13 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
             }
             let opts: Vec<String> =
                 m.get("options").and_then(Value::as_array).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            let (readonly, propagation) = match volume_options(&dest, &opts) {
+                Ok(v) => v,
+                Err(e) => {
+                    err.get_or_insert(e);
+                    return false;
+                }
+            };
             let shared_name = out.volumes.len().to_string();
             let guest_source = format!("{guest_container_dir}/volumes/{shared_name}");
             out.volumes.push(Volume {
@@ -186,8 +255,9 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
                 destination: dest,
                 guest_source: guest_source.clone(),
                 shared_name,
-                readonly: opts.iter().any(|o| o == "ro"),
+                readonly,
                 recursive: opts.iter().any(|o| o == "rbind"),
+                propagation,
             });
             m["source"] = Value::String(guest_source);
             true
@@ -294,22 +364,45 @@ mod tests {
                     destination: "/etc/resolv.conf".into(),
                     guest_source: format!("{DIR}/volumes/0"),
                     shared_name: "0".into(),
-                    readonly: false,
+                    readonly: ReadOnly::No,
                     recursive: true,
+                    propagation: Propagation::Private,
                 },
                 Volume {
                     source: "/srv/data".into(),
                     destination: "/data".into(),
                     guest_source: format!("{DIR}/volumes/1"),
                     shared_name: "1".into(),
-                    readonly: true,
+                    readonly: ReadOnly::Top,
                     recursive: true,
+                    propagation: Propagation::Private,
                 },
             ]
         );
         assert_eq!(v["mounts"][1]["source"], format!("{DIR}/volumes/0"));
         assert_eq!(v["mounts"][3]["source"], format!("{DIR}/volumes/1"));
         assert_eq!(v["mounts"][3]["options"], serde_json::json!(["rbind", "ro", "nosuid"]), "runc in the guest applies the options");
+    }
+
+    #[test]
+    fn volume_options_decide_read_only_and_propagation_or_are_refused_by_name() {
+        let o = |v: &[&str]| volume_options("/d", &v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(o(&["rbind"]).unwrap(), (ReadOnly::No, Propagation::Private));
+        assert_eq!(o(&["rbind", "ro", "rprivate"]).unwrap(), (ReadOnly::Top, Propagation::Private));
+        assert_eq!(o(&["rbind", "rro"]).unwrap(), (ReadOnly::Recursive, Propagation::Private));
+        assert_eq!(o(&["rbind", "ro", "rro"]).unwrap(), (ReadOnly::Recursive, Propagation::Private));
+        assert_eq!(o(&["rbind", "ro", "rslave"]).unwrap(), (ReadOnly::Top, Propagation::Slave));
+        let e = o(&["rbind", "rro", "rslave"]).unwrap_err().to_string();
+        assert!(e.contains("rro with rslave"), "{e}");
+        assert_eq!(o(&["bind", "slave"]).unwrap(), (ReadOnly::No, Propagation::Slave));
+        let e = o(&["rbind", "rshared"]).unwrap_err().to_string();
+        assert!(e.contains("rshared") && e.contains("/d") && e.contains("rslave"), "{e}");
+        let e = o(&["rbind", "rslave", "rprivate"]).unwrap_err().to_string();
+        assert!(e.contains("more than one propagation"), "{e}");
+        let mut s = sample();
+        s["mounts"][4]["options"] = serde_json::json!(["rbind", "shared"]);
+        let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap_err();
+        assert!(e.to_string().contains("/data") && e.to_string().contains("shared"), "{e}");
     }
 
     #[test]

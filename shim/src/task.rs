@@ -40,8 +40,18 @@ use crate::{
 
 /// Agent calls that last as long as the process does.
 const LONG: Duration = Duration::from_secs(365 * 24 * 3600);
-/// How long Wait waits for the last output after a process exited.
+/// How long Wait waits for the last output after a process exited; forwarders still running then are
+/// aborted (their FIFOs closed), whatever the guest does.
 const IO_DRAIN: Duration = Duration::from_secs(10);
+/// How long a process has to exit after SIGKILL before the host ends it itself (the VM, or for a pod's
+/// container its place in the VM).
+const KILL_GRACE: Duration = Duration::from_secs(10);
+/// An agent that does not answer a signal within this (runc's `kill --all` within the longer one) is
+/// taken for one that never will: the host ends the process itself.
+const SIGNAL_CALL: Duration = Duration::from_secs(5);
+const SIGNAL_ALL_CALL: Duration = Duration::from_secs(20);
+/// The exit status the host reports for a process it ended itself (128 + SIGKILL, as runc reports it).
+const KILLED_STATUS: u32 = 137;
 
 fn agent_err(e: agent_client::AgentError) -> ttrpc::Error {
     TaskError::Agent(e).into()
@@ -79,6 +89,15 @@ fn can_delete(id: &str, status: PStatus) -> Result<(), TaskError> {
 
 type ExitInfo = Option<(u32, Timestamp)>;
 
+/// Waits until a process's exit is recorded (or its state is gone).
+async fn wait_exit(mut rx: watch::Receiver<ExitInfo>) {
+    loop {
+        if rx.borrow_and_update().is_some() || rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 struct Proc {
     /// The guest's pid of the process: for the shim's logs only, never given to containerd.
     guest_pid: u32,
@@ -92,6 +111,8 @@ struct Proc {
     exit_tx: Arc<watch::Sender<ExitInfo>>,
     exit_rx: watch::Receiver<ExitInfo>,
     io: Vec<JoinHandle<()>>,
+    /// The stdin forwarder (it ends with containerd's stdin, not with the process): aborted at the exit.
+    stdin_io: Option<JoinHandle<()>>,
 }
 
 impl Proc {
@@ -108,6 +129,7 @@ impl Proc {
             exit_tx: Arc::new(tx),
             exit_rx: rx,
             io: vec![],
+            stdin_io: None,
         }
     }
 
@@ -116,7 +138,14 @@ impl Proc {
         self.io.push(tokio::spawn(stdio::forward_output(a(), cid.into(), exec_id.into(), self.stdout.clone(), false)));
         self.io.push(tokio::spawn(stdio::forward_output(a(), cid.into(), exec_id.into(), self.stderr.clone(), true)));
         if !self.stdin.is_empty() {
-            tokio::spawn(stdio::forward_input(a(), cid.into(), exec_id.into(), self.stdin.clone()));
+            self.stdin_io = Some(tokio::spawn(stdio::forward_input(a(), cid.into(), exec_id.into(), self.stdin.clone())));
+        }
+    }
+
+    /// Ends the stdio forwarders still running: containerd's FIFOs are closed.
+    fn abort_io(&mut self) {
+        for h in self.io.drain(..).chain(self.stdin_io.take()) {
+            h.abort();
         }
     }
 }
@@ -137,6 +166,14 @@ struct PodVm {
 }
 
 impl PodVm {
+    /// Ends the VM without waiting for the guest, then removes the host cgroup it was in.
+    async fn kill(self) {
+        self.sandbox.kill().await;
+        if let Some(cg) = &self.host_cgroup {
+            cg.remove();
+        }
+    }
+
     /// Stops the VM, then removes the host cgroup it was in.
     async fn stop(self, mounts: Option<&mounts::ContainerMounts>) {
         self.sandbox.stop(mounts).await;
@@ -263,8 +300,11 @@ impl TaskService {
                 let Ok(p) = st.proc_mut(&exec_id) else { return };
                 std::mem::take(&mut p.io)
             };
-            for h in io {
-                let _ = tokio::time::timeout(IO_DRAIN, h).await;
+            for mut h in io {
+                if tokio::time::timeout(IO_DRAIN, &mut h).await.is_err() {
+                    warn!(cid, exec_id, "the process's output did not end within {IO_DRAIN:?} of its exit: its forwarder is aborted");
+                    h.abort();
+                }
             }
             me.record_exit(&cid, &exec_id, code).await;
         });
@@ -283,6 +323,7 @@ impl TaskService {
             }
             let ts = timestamp().unwrap_or_default();
             p.status = PStatus::Stopped;
+            p.abort_io();
             let _ = p.exit_tx.send(Some((code, ts.clone())));
             (cid, host_pid, ts)
         };
@@ -293,6 +334,87 @@ impl TaskService {
             Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }),
         )
         .await;
+    }
+
+    /// After a SIGKILL: the process exits within [`KILL_GRACE`], or the host ends it ([`Self::force_exit`]).
+    fn spawn_kill_watchdog(&self, cid: String, exec_id: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let rx = {
+                let mut g = me.state.lock().await;
+                let Some(st) = g.task_mut(&cid) else { return };
+                let Ok(p) = st.proc_mut(&exec_id) else { return };
+                p.exit_rx.clone()
+            };
+            if tokio::time::timeout(KILL_GRACE, wait_exit(rx)).await.is_err() {
+                me.force_exit(&cid, &exec_id, &format!("it did not exit within {KILL_GRACE:?} of SIGKILL")).await;
+            }
+        });
+    }
+
+    /// Ends a process the guest will not end, from the host, and reports it exited ([`KILLED_STATUS`]):
+    /// an exec is reported exited (its output forwarders end); a pod container is taken out of the VM
+    /// (its mounts in the shared directory are revoked, the agent is asked to remove it); the init of a
+    /// VM's own container or of a pod's sandbox ends the VM (QMP quit, then SIGKILL), and with it every
+    /// process in it.
+    async fn force_exit(&self, cid: &str, exec_id: &str, why: &str) {
+        if !exec_id.is_empty() {
+            warn!(cid, exec_id, why, "the host reports the exec exited ({KILLED_STATUS})");
+            self.record_exit(cid, exec_id, KILLED_STATUS).await;
+            return;
+        }
+        let pod_container = {
+            let g = self.state.lock().await;
+            let Some(st) = g.tasks.get(cid) else { return };
+            if st.init.exit_rx.borrow().is_some() {
+                return;
+            }
+            let others = g.tasks.iter().any(|(k, t)| k != cid && !t.released);
+            matches!(st.role, spec::PodRole::Container(_)) && others
+        };
+        if pod_container {
+            warn!(cid, why, "the host takes the container out of the pod's VM and revokes its mounts");
+            let agent = {
+                let mut g = self.state.lock().await;
+                let Some(st) = g.task_mut(cid) else { return };
+                if !st.released {
+                    st.released = true;
+                    st.mounts.teardown_in_running_vm(&st.shared);
+                    if let Some(s) = st.restore_staging.take() {
+                        s.remove();
+                    }
+                }
+                st.agent.clone()
+            };
+            self.record_exit(cid, "", KILLED_STATUS).await;
+            let req = ag::ContainerRequest { container_id: cid.to_string(), ..Default::default() };
+            if let Err(e) = agent.call("RemoveContainer", SIGNAL_ALL_CALL, |c, ctx| async move { c.remove_container(ctx, &req).await }).await {
+                warn!(cid, error = %e, "the agent did not remove the container (its mounts are revoked already)");
+            }
+            return;
+        }
+        let (vm, ids) = {
+            let mut g = self.state.lock().await;
+            let reason = format!("ended by the host: {cid} {why}");
+            let mut ids: Vec<(String, String)> = vec![];
+            for st in g.tasks.values_mut() {
+                st.vm_gone = Some(reason.clone());
+                ids.extend(st.execs.iter().filter(|(_, p)| p.exit_rx.borrow().is_none()).map(|(k, _)| (st.id.clone(), k.clone())));
+                if st.init.exit_rx.borrow().is_none() {
+                    ids.push((st.id.clone(), String::new()));
+                }
+            }
+            (g.vm.take(), ids)
+        };
+        warn!(cid, why, processes = ids.len(), "the host ends the VM");
+        // The VM ends before any exit is reported: once containerd sees the exits it may delete the tasks
+        // and shut the shim down, which must not leave a QEMU behind.
+        if let Some(vm) = vm {
+            vm.kill().await;
+        }
+        for (c, e) in ids {
+            self.record_exit(&c, &e, KILLED_STATUS).await;
+        }
     }
 
     /// Waits for the sandbox's VM to go away by itself (not a stop the shim asked for): every process of
@@ -913,9 +1035,31 @@ impl Task for TaskService {
             }
             (agent, cid)
         };
-        let r = ag::SignalProcessRequest { container_id: cid, exec_id: req.exec_id, signal: req.signal, all: req.all, ..Default::default() };
-        agent.call_default("SignalProcess", |c, ctx| async move { c.signal_process(ctx, &r).await }).await.map_err(agent_err)?;
-        Ok(Empty::new())
+        let exec_id = req.exec_id.clone();
+        let r = ag::SignalProcessRequest { container_id: cid.clone(), exec_id: req.exec_id, signal: req.signal, all: req.all, ..Default::default() };
+        let bound = if req.all { SIGNAL_ALL_CALL } else { SIGNAL_CALL };
+        let sigkill = req.signal == libc::SIGKILL as u32;
+        match agent.call("SignalProcess", bound, |c, ctx| async move { c.signal_process(ctx, &r).await }).await {
+            Ok(_) => {
+                if sigkill {
+                    // Whatever the guest answered, the process is gone within the grace, or the host ends it.
+                    self.spawn_kill_watchdog(cid, exec_id);
+                }
+                Ok(Empty::new())
+            }
+            Err(e @ agent_client::AgentError::Timeout { .. }) => {
+                // A guest that does not answer a signal does not decide whether it may be stopped.
+                warn!(cid, exec_id, error = %e, "the guest did not answer the signal: the host ends the process");
+                self.force_exit(&cid, &exec_id, &format!("the guest did not answer signal {} within {bound:?}", req.signal)).await;
+                Ok(Empty::new())
+            }
+            Err(e) => {
+                if sigkill {
+                    self.spawn_kill_watchdog(cid, exec_id);
+                }
+                Err(agent_err(e))
+            }
+        }
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
@@ -997,7 +1141,8 @@ impl Task for TaskService {
         if !req.exec_id.is_empty() {
             let p = st.execs.get(&req.exec_id).ok_or_else(|| TaskError::not_found(format!("exec {} not found", req.exec_id)))?;
             can_delete(&format!("exec {}", req.exec_id), p.status)?;
-            let p = st.execs.remove(&req.exec_id).expect("checked");
+            let mut p = st.execs.remove(&req.exec_id).expect("checked");
+            p.abort_io();
             let (code, ts) = p.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
             return Ok(DeleteResponse { pid: st.host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
         }
@@ -1006,6 +1151,10 @@ impl Task for TaskService {
             return Err(TaskError::precondition(format!("task {} is being checkpointed; delete it when the checkpoint has ended", st.id)));
         }
         let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
+        st.init.abort_io();
+        for p in st.execs.values_mut() {
+            p.abort_io();
+        }
         let pid = st.host_pid;
         let cid = st.id.clone();
         let poststop = (!st.hooks.poststop.is_empty()).then(|| (st.hooks.poststop.clone(), st.hook_state("stopped")));

@@ -72,6 +72,39 @@ pub struct ContainerSpec {
     pub working_dir: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Host paths mounted in the container (Kubernetes' hostPath volumes, as the kubelet gives them).
+    pub mounts: Vec<HostMount>,
+}
+
+/// A host path mounted in a container: CRI's Mount.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostMount {
+    pub host_path: String,
+    pub container_path: String,
+    pub readonly: bool,
+    /// `recursiveReadOnly: Enabled` (needs readonly, and private propagation).
+    pub recursive_read_only: bool,
+    /// "" or "private" (None), "host_to_container", "bidirectional".
+    pub propagation: String,
+}
+
+impl HostMount {
+    fn to_api(&self) -> api::Mount {
+        let propagation = match self.propagation.as_str() {
+            "host_to_container" => api::MountPropagation::PropagationHostToContainer,
+            "bidirectional" => api::MountPropagation::PropagationBidirectional,
+            _ => api::MountPropagation::PropagationPrivate,
+        };
+        api::Mount {
+            container_path: self.container_path.clone(),
+            host_path: self.host_path.clone(),
+            readonly: self.readonly,
+            recursive_read_only: self.recursive_read_only,
+            propagation: propagation as i32,
+            ..Default::default()
+        }
+    }
 }
 
 /// What PodSandboxStatus says of a pod.
@@ -184,6 +217,7 @@ impl ContainerSpec {
             labels: to_map(&self.labels),
             annotations: to_map(&self.annotations),
             log_path: self.log_path.clone(),
+            mounts: self.mounts.iter().map(HostMount::to_api).collect(),
             linux: Some(Default::default()),
             ..Default::default()
         }

@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod cri;
 pub mod load;
 pub mod netns;
+pub mod virtiofsd;
 
 /// The guest image directory: `$KATA_RS_GUEST_DIR`, else `build/guest/bookworm` of this checkout.
 pub fn guest_dir() -> PathBuf {

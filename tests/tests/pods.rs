@@ -336,3 +336,71 @@ fn cri_checkpoint_and_restore_into_a_new_pod_continues_the_counter() {
     remove_pod(&cri, &pod2);
     c.assert_clean();
 }
+
+/// Stops pod `pod` and says how long StopPodSandbox took; it must return within 30 s whatever the
+/// pod's processes do.
+fn stop_pod_within(cri: &Cri, pod: &str, case: &str) -> Duration {
+    let start = Instant::now();
+    cri.stop_pod_sandbox(pod).unwrap_or_else(|e| panic!("{case}: StopPodSandbox: {e:#}"));
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "{case}: StopPodSandbox took {took:?}");
+    cri.remove_pod_sandbox(pod).unwrap_or_else(|e| panic!("{case}: RemovePodSandbox: {e:#}"));
+    took
+}
+
+/// A pod's later container (made in the running VM) gets volume copies born with their final flags in
+/// virtiofsd's namespace, as an own VM's do (the workloads suite); a pod whose containers share its PID
+/// namespace, with a container whose background processes outlive its shell, stops within the bound and
+/// leaves nothing; so does the same pod with a PID namespace per container.
+#[test]
+fn a_pod_containers_volumes_are_born_read_only_and_a_pod_with_background_processes_stops() {
+    if !isolated("a_pod_containers_volumes_are_born_read_only_and_a_pod_with_background_processes_stops") {
+        return;
+    }
+    use kata_rs_tests::{
+        cri::HostMount,
+        virtiofsd::{assert_volume, Expect, Source, Virtiofsd},
+    };
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    let script = "(while true; do echo bg > /dev/null; sleep 1; done) & (sleep 100000 &) ; echo started; httpd -f -p 8080";
+    for share in [true, false] {
+        let case = if share { "PID namespace POD" } else { "PID namespace CONTAINER" };
+        let (pod, _) = run_pod_with(&c, &cri, if share { "shared-pid" } else { "own-pid" }, |p| p.share_process_namespace = share);
+        let cases = [("ro", true, "", Expect::ReadOnlyTop), ("priv", false, "", Expect::Private), ("slave", false, "host_to_container", Expect::Slave)];
+        let sources: Vec<Source> = cases.iter().map(|(n, ..)| Source::new(c.dir.join(format!("{pod}-{n}")))).collect();
+        let mut spec = ContainerSpec::new("bg", IMAGE, &["sh", "-c", script]);
+        spec.mounts = cases
+            .iter()
+            .zip(&sources)
+            .map(|((n, ro, prop, _), s)| HostMount {
+                host_path: s.dir.display().to_string(),
+                container_path: format!("/{n}"),
+                readonly: *ro,
+                propagation: prop.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let id = cri.create_container(&pod, &spec).unwrap_or_else(|e| panic!("{case}: CreateContainer: {e:#}"));
+        cri.start_container(&id).unwrap_or_else(|e| panic!("{case}: StartContainer: {e:#}"));
+        cri.wait_container_state(&id, ContainerState::ContainerRunning, T).unwrap();
+        for s in &sources {
+            s.mount_late();
+        }
+        let v = Virtiofsd::of(&c.runtime_root.join(&pod));
+        for ((_, _, _, expect), src) in cases.iter().zip(&sources) {
+            assert_volume(&v, &id, src, *expect);
+        }
+        let bg = exec_ok(&cri, &id, &["sh", "-c", "ps -o args | grep -c '^sleep 100000' || true"]);
+        assert!(bg.parse::<u32>().unwrap_or(0) >= 1, "{case}: the background process runs: {bg}");
+        let took = stop_pod_within(&cri, &pod, case);
+        eprintln!("{case}: StopPodSandbox returned after {took:?}");
+        assert!(qemus(&c).is_empty(), "{case}: the pod's VM stopped");
+        assert!(pod_netns().is_empty(), "{case}: the pod's netns went: {:?}", pod_netns());
+        for (s, (n, ..)) in sources.iter().zip(&cases) {
+            s.assert_intact(n);
+        }
+        drop(sources); // the test's own mounts
+        c.assert_clean();
+    }
+}

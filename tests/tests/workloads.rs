@@ -72,6 +72,57 @@ async fn volumes_are_shared_read_only_where_asked_and_survive_checkpoint_restore
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "a single host file\n");
 }
 
+/// The hostile guest's side of volumes: virtiofsd, which writes for the guest from a mount namespace of
+/// its own, gets copies born with their final flags: `ro` read-only at the top only (OCI's meaning), `rro`
+/// read-only throughout, every copy nosuid,nodev, and a mount the host makes below a source later reaches
+/// it only where the spec asks for `rslave`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_copies_in_virtiofsds_namespace_have_their_final_flags() {
+    use kata_rs_tests::virtiofsd::{assert_volume, Expect, Source, Virtiofsd};
+    let c = Containerd::start();
+    let cases = [("ro", "rbind:ro:rprivate", Expect::ReadOnlyTop), ("rro", "rbind:rro", Expect::ReadOnlyAll), ("priv", "rbind:rw:rprivate", Expect::Private), ("slave", "rbind:rw:rslave", Expect::Slave)];
+    let sources: Vec<Source> = cases.iter().map(|(n, _, _)| Source::new(c.dir.join(format!("src-{n}")))).collect();
+    let mounts: Vec<String> = cases.iter().zip(&sources).map(|((n, o, _), s)| format!("type=bind,src={},dst=/{n},options={o}", s.dir.display())).collect();
+    let mut extra = vec![];
+    for m in &mounts {
+        extra.extend(["--mount", m.as_str()]);
+    }
+    c.run_detached("fl1", &extra, &["sh", "-c", "echo up > /priv/up; exec sleep 100000"]);
+    wait_file(&sources[2].dir.join("up"), T, |s| s == "up\n").await;
+    std::fs::remove_file(sources[2].dir.join("up")).unwrap();
+    for s in &sources {
+        s.mount_late();
+    }
+    let v = Virtiofsd::of(&c.runtime_root.join("fl1"));
+    for ((_, _, expect), src) in cases.iter().zip(&sources) {
+        assert_volume(&v, "fl1", src, *expect);
+    }
+    // What the guest sees agrees: its runc applies the same options.
+    let o = c.ctr(&["task", "exec", "--exec-id", "w1", "fl1", "sh", "-c", "touch /rro/sub/x"]);
+    assert!(!o.status.success(), "rro: the submount is read-only in the container too");
+    c.ctr_ok(&["task", "exec", "--exec-id", "w2", "fl1", "sh", "-c", "test -e /slave/late/here && ! test -e /priv/late/here"]);
+    c.kill_and_remove("fl1");
+    for (s, (n, _, _)) in sources.iter().zip(&cases) {
+        s.assert_intact(n);
+    }
+    drop(sources); // the test's own mounts
+    c.assert_clean();
+}
+
+/// Propagation the VM cannot give is refused by name, before any VM boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bidirectional_volume_is_refused_by_name() {
+    let c = Containerd::start();
+    let src = c.dir.join("bidi");
+    std::fs::create_dir_all(&src).unwrap();
+    let m = format!("type=bind,src={},dst=/bidi,options=rbind:rshared", src.display());
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--mount", &m, IMAGE, "bd1", "true"]);
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success() && e.contains("rshared") && e.contains("/bidi"), "{e}");
+    let _ = c.ctr(&["containers", "rm", "bd1"]);
+    c.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_whose_source_is_missing_or_a_socket_is_a_clear_error() {
     let c = Containerd::start();

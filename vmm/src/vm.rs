@@ -434,6 +434,21 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Ends the VM whatever the guest does: one QMP quit with a short bound (a stopped or hung QEMU does
+    /// not answer it), then SIGKILL, then the daemons. For a guest that would not let a process die.
+    pub async fn kill(mut self) {
+        if self.qemu_exited().is_none() {
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), self.qmp.quit()).await {
+                warn!(error = %e, "QMP quit failed; killing QEMU");
+            }
+        }
+        teardown(self.qemu.take(), std::mem::take(&mut self.daemons), Duration::from_millis(500)).await;
+        let _ = std::fs::remove_file(self.dir.join(STATE_FILE));
+        warn!(dir = %self.dir.display(), "VM ended by the host");
+    }
+}
+
 async fn teardown(qemu: Option<Daemon>, daemons: Vec<Daemon>, grace: Duration) {
     if let Some(q) = qemu {
         q.stop(grace).await;
