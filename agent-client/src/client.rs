@@ -122,6 +122,7 @@ impl AgentClient {
         let ctx = ttrpc::context::with_timeout(timeout.as_nanos().min(i64::MAX as u128) as i64);
         // A little slack so the guest's own timeout error (with its message) wins the race.
         let outer = timeout + Duration::from_secs(2);
+        let started = std::time::Instant::now();
         let call = tokio::time::timeout(outer, f(self.inner.clone(), ctx));
         let result = match self.gone.clone() {
             None => call.await,
@@ -143,6 +144,9 @@ impl AgentClient {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s))) => return Err(AgentError::Rpc { method, code: s.code(), message: bounded_text(s.message()) }),
             Err(_) => AgentError::Timeout { method, timeout },
+            // The ttrpc client's own deadline (the context's) ends the call with an untyped error: one
+            // that came at or after the deadline is the deadline.
+            Ok(Err(_)) if started.elapsed() >= timeout => AgentError::Timeout { method, timeout },
             Ok(Err(e)) => AgentError::Call { method, message: bounded_text(&e.to_string()) },
         };
         // A dead VM often shows first as a closed stream ("early eof"): when the VM watcher confirms it

@@ -27,6 +27,8 @@ pub struct BootParams {
 
 /// `kata_rs.test_fault=agent-exit-in-checkpoint:<ms>` (or `-in-restore:`): the agent, PID 1, exits that
 /// long after a checkpoint (restore) request arrives, so the guest kernel panics in the middle of it.
+/// `kata_rs.test_fault=ignore-signals:0`: the agent answers every SignalProcess with OK and signals
+/// nothing (a guest that will not let its processes die; WaitProcess then never answers).
 /// The fault tests use it to crash a guest at a known moment. Only the host sets the kernel command
 /// line (configuration.toml, `hypervisor.kernel_params`); nothing in the guest can turn it on.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,8 @@ pub struct TestFault {
 pub enum FaultDuring {
     Checkpoint,
     Restore,
+    /// Not an exit: signals are answered and ignored.
+    IgnoreSignals,
 }
 
 impl TestFault {
@@ -47,6 +51,7 @@ impl TestFault {
         let during = match what {
             "agent-exit-in-checkpoint" => FaultDuring::Checkpoint,
             "agent-exit-in-restore" => FaultDuring::Restore,
+            "ignore-signals" => FaultDuring::IgnoreSignals,
             _ => return None,
         };
         Some(TestFault { during, after_ms: ms.parse().ok()? })
@@ -54,7 +59,7 @@ impl TestFault {
 
     /// If this fault is for `now`: exits the process `after_ms` from now (from another thread).
     pub fn arm(&self, now: FaultDuring) {
-        if self.during != now {
+        if self.during != now || now == FaultDuring::IgnoreSignals {
             return;
         }
         let ms = self.after_ms;
@@ -237,6 +242,7 @@ mod tests {
         let f = BootParams::parse("kata_rs.test_fault=agent-exit-in-checkpoint:1500").test_fault.unwrap();
         assert_eq!((f.during, f.after_ms), (FaultDuring::Checkpoint, 1500));
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:0").test_fault.unwrap().during, FaultDuring::Restore);
+        assert_eq!(BootParams::parse("kata_rs.test_fault=ignore-signals:0").test_fault.unwrap().during, FaultDuring::IgnoreSignals);
         assert_eq!(BootParams::parse("kata_rs.test_fault=reboot:10").test_fault, None);
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:x").test_fault, None);
     }

@@ -114,6 +114,10 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        if self.test_fault.as_ref().is_some_and(|f| f.during == crate::init::FaultDuring::IgnoreSignals) {
+            tracing::warn!(id = req.container_id, signal = req.signal, "kata_rs.test_fault: the signal is answered and ignored");
+            return Ok(Empty::new());
+        }
         self.containers.signal(&req.container_id, &req.exec_id, req.signal, req.all).await.map_err(status)?;
         Ok(Empty::new())
     }

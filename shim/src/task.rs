@@ -113,6 +113,9 @@ struct Proc {
     io: Vec<JoinHandle<()>>,
     /// The stdin forwarder (it ends with containerd's stdin, not with the process): aborted at the exit.
     stdin_io: Option<JoinHandle<()>>,
+    /// The host is ending this process (the guest would not): its exit is [`KILLED_STATUS`], whoever
+    /// reports it first.
+    ended_by_host: bool,
 }
 
 impl Proc {
@@ -130,6 +133,7 @@ impl Proc {
             exit_rx: rx,
             io: vec![],
             stdin_io: None,
+            ended_by_host: false,
         }
     }
 
@@ -313,7 +317,7 @@ impl TaskService {
     /// Records a process's exit and publishes it, once: whichever of its waiter and the VM watcher
     /// comes first reports it.
     async fn record_exit(&self, cid: &str, exec_id: &str, code: u32) {
-        let (cid, host_pid, ts) = {
+        let (cid, host_pid, ts, code) = {
             let mut g = self.state.lock().await;
             let Some(st) = g.task_mut(cid) else { return };
             let (cid, host_pid) = (st.id.clone(), st.host_pid);
@@ -322,10 +326,11 @@ impl TaskService {
                 return;
             }
             let ts = timestamp().unwrap_or_default();
+            let code = if p.ended_by_host { KILLED_STATUS } else { code };
             p.status = PStatus::Stopped;
             p.abort_io();
             let _ = p.exit_tx.send(Some((code, ts.clone())));
-            (cid, host_pid, ts)
+            (cid, host_pid, ts, code)
         };
         info!(cid, exec_id, code, "process exited");
         let id = if exec_id.is_empty() { cid.clone() } else { exec_id.to_string() };
@@ -377,6 +382,7 @@ impl TaskService {
             let agent = {
                 let mut g = self.state.lock().await;
                 let Some(st) = g.task_mut(cid) else { return };
+                st.init.ended_by_host = true;
                 if !st.released {
                     st.released = true;
                     st.mounts.teardown_in_running_vm(&st.shared);
@@ -399,8 +405,12 @@ impl TaskService {
             let mut ids: Vec<(String, String)> = vec![];
             for st in g.tasks.values_mut() {
                 st.vm_gone = Some(reason.clone());
-                ids.extend(st.execs.iter().filter(|(_, p)| p.exit_rx.borrow().is_none()).map(|(k, _)| (st.id.clone(), k.clone())));
+                for (k, p) in st.execs.iter_mut().filter(|(_, p)| p.exit_rx.borrow().is_none()) {
+                    p.ended_by_host = true;
+                    ids.push((st.id.clone(), k.clone()));
+                }
                 if st.init.exit_rx.borrow().is_none() {
+                    st.init.ended_by_host = true;
                     ids.push((st.id.clone(), String::new()));
                 }
             }

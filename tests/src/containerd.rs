@@ -258,6 +258,11 @@ impl Containerd {
     /// its runtime and network ready (see [`Containerd::cri`]). Pods get addresses on the test network
     /// (CNI): call it inside a [`crate::netns::isolated`] run, whose conflist it uses.
     pub fn start_cri() -> Containerd {
+        Self::start_cri_with("")
+    }
+
+    /// Like [`Containerd::start_cri`], with `hypervisor_extra` (TOML lines) in kata-rs's `[hypervisor]` table.
+    pub fn start_cri_with(hypervisor_extra: &str) -> Containerd {
         let shim = dev_shim();
         let o = Command::new(containerd_binary(&containerd_bin_dir())).arg("--version").output().expect("containerd --version");
         let version = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -265,7 +270,7 @@ impl Containerd {
         let (dir, address) = Self::new_dir();
         copy_test_network(&dir.join("cni/net.d"));
         std::fs::write(dir.join("config.toml"), cri_config(&dir, &address)).unwrap();
-        let c = Self::spawn_dev(&shim, dir, address, "", CRI_NAMESPACE);
+        let c = Self::spawn_dev(&shim, dir, address, hypervisor_extra, CRI_NAMESPACE);
         for img in [pause_image(), busybox_image()] {
             c.ctr_ok(&["images", "import", img.to_str().unwrap()]);
         }

@@ -446,3 +446,53 @@ async fn a_restore_whose_caller_gives_up_leaves_nothing() {
     c.kill_and_remove("t3");
     c.assert_clean();
 }
+
+/// A guest that never answers (QEMU SIGSTOPped: no vCPU, no device runs) cannot refuse to die:
+/// `ctr task kill -s KILL` returns, the host ends the VM itself and reports exit 137, `ctr task rm`
+/// works, all within 30 s, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_answers_is_still_killed_and_removed() {
+    let c = Containerd::start();
+    let ev = c.events("frozen");
+    c.run_detached("fz1", &[], &["sleep", "100000"]);
+    c.wait_status("fz1", "RUNNING", T);
+    let qemu = task_pid(&c, "fz1");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let start = Instant::now();
+    let o = c.ctr(&["task", "kill", "-s", "KILL", "fz1"]);
+    eprintln!("kill of a frozen guest answered after {:?}: {} {}", start.elapsed(), o.status, stderr(&o));
+    assert!(o.status.success(), "the kill is done by the host when the guest does not answer: {}", stderr(&o));
+    let line = ev.wait_for("/tasks/exit", "fz1", Duration::from_secs(30));
+    assert!(line.contains("137"), "the host reports the SIGKILL's status: {line}");
+    c.wait_status("fz1", "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "rm", "fz1"]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "kill and rm of a frozen guest took {took:?}");
+    assert!(!Path::new(&format!("/proc/{qemu}")).exists(), "QEMU {qemu} is gone");
+    c.ctr_ok(&["container", "rm", "fz1"]);
+    c.assert_clean();
+}
+
+/// A guest that answers SignalProcess with OK but signals nothing (a test fault of the agent), so
+/// WaitProcess never answers: the host ends the VM 10 s after the SIGKILL and reports exit 137;
+/// `ctr task rm` works; nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_ignores_sigkill_is_ended_by_the_host() {
+    let c = Containerd::start_with("kernel_params = \"kata_rs.test_fault=ignore-signals:0\"");
+    let ev = c.events("ignore");
+    c.run_detached("ig1", &[], &["sleep", "100000"]);
+    c.wait_status("ig1", "RUNNING", T);
+    let qemu = task_pid(&c, "ig1");
+    let start = Instant::now();
+    c.ctr_ok(&["task", "kill", "-s", "KILL", "ig1"]);
+    let line = ev.wait_for("/tasks/exit", "ig1", Duration::from_secs(30));
+    eprintln!("exit of a guest that ignores SIGKILL after {:?}: {line}", start.elapsed());
+    assert!(line.contains("137"), "the host reports the SIGKILL's status: {line}");
+    c.wait_status("ig1", "STOPPED", Duration::from_secs(10));
+    c.ctr_ok(&["task", "rm", "ig1"]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(30), "kill and rm took {took:?}");
+    assert!(!Path::new(&format!("/proc/{qemu}")).exists(), "QEMU {qemu} is gone");
+    c.ctr_ok(&["container", "rm", "ig1"]);
+    c.assert_clean();
+}

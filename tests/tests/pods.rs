@@ -404,3 +404,25 @@ fn a_pod_containers_volumes_are_born_read_only_and_a_pod_with_background_process
         c.assert_clean();
     }
 }
+
+/// A pod whose guest answers every signal with OK and signals nothing (a test fault of the agent):
+/// StopPodSandbox still returns within the bound (the host takes the container out of the VM, then ends
+/// the VM), the containers are reported exited with 137, and RemovePodSandbox leaves no process, mount,
+/// netns or directory.
+#[test]
+fn a_pod_whose_guest_ignores_signals_still_stops() {
+    if !isolated("a_pod_whose_guest_ignores_signals_still_stops") {
+        return;
+    }
+    let c = Containerd::start_cri_with("kernel_params = \"kata_rs.test_fault=ignore-signals:0\"");
+    let cri = c.cri();
+    let (pod, _) = run_pod(&c, &cri, "deaf");
+    let id = run_container(&cri, &pod, "deaf", WEB);
+    cri.wait_container_state(&id, ContainerState::ContainerRunning, T).unwrap();
+    assert_eq!(pod_netns().len(), 1);
+    let took = stop_pod_within(&cri, &pod, "a guest that ignores signals");
+    eprintln!("StopPodSandbox of a pod whose guest ignores signals returned after {took:?}");
+    assert!(qemus(&c).is_empty(), "the pod's VM was ended by the host");
+    assert!(pod_netns().is_empty(), "the pod's netns went: {:?}", pod_netns());
+    c.assert_clean();
+}
