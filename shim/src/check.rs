@@ -83,7 +83,8 @@ pub async fn run(config: &Config, mut out: impl FnMut(&Item)) -> Vec<Item> {
 
     if let Some(q) = &qemu {
         let c = accel::choose(h, q, &accel::default_cache_dir(&config.runtime.root)).await;
-        push(item("accel", true, format!("{}: {}", c.accel, c.reason)), &mut items);
+        let warning = if c.accel == vmm::Accel::Tcg { format!(" (warning: {})", accel::TCG_WARNING) } else { String::new() };
+        push(item("accel", true, format!("{}: {}{warning}", c.accel, c.reason)), &mut items);
     }
     if items.iter().any(|i| !i.ok) {
         push(item("boot", false, "skipped: fix the failures above first"), &mut items);

@@ -175,3 +175,20 @@ async fn missing_kernel_is_a_one_line_error_naming_the_file() {
     assert!(e.contains("/nonexistent/vmlinux") && e.contains("make guest-image"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+/// `check` passes on this host and says which accelerator it chose; TCG (what `auto` falls back to
+/// where KVM cannot run the guest) comes with the warning that it is not a security boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_and_warns_when_tcg_is_the_accelerator() {
+    init_logging();
+    let mut config = test_config();
+    config.hypervisor.accel = vmm::AccelSetting::Auto;
+    let items = kata_rs_shim::check::run(&config, |_| {}).await;
+    assert!(items.iter().all(|i| i.ok), "check: {:#?}", items.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+    let accel = items.iter().find(|i| i.name == "accel").expect("an accel line");
+    if accel.detail.starts_with("tcg") {
+        assert!(accel.detail.contains("not a security boundary"), "{}", accel.detail);
+    } else {
+        assert!(accel.detail.starts_with("kvm") && !accel.detail.contains("not a security boundary"), "{}", accel.detail);
+    }
+}

@@ -93,7 +93,20 @@ fn mtime(p: &Path) -> u64 {
 }
 
 /// Chooses the accelerator for `config`. `cache_dir` holds the probe verdict.
+/// What TCG chosen by `accel = "auto"` means for isolation (QEMU's security policy covers only
+/// virtualization with a hardware accelerator).
+pub const TCG_WARNING: &str = "TCG is not a security boundary in QEMU's own policy (only KVM guests are); use KVM where the guest is untrusted";
+
+/// [`choose_quiet`], with a warning logged when `auto` fell back to TCG.
 pub async fn choose(config: &VmConfig, qemu: &Path, cache_dir: &Path) -> AccelChoice {
+    let c = choose_quiet(config, qemu, cache_dir).await;
+    if c.accel == Accel::Tcg && config.accel == AccelSetting::Auto {
+        tracing::warn!(reason = %c.reason, "{TCG_WARNING}");
+    }
+    c
+}
+
+async fn choose_quiet(config: &VmConfig, qemu: &Path, cache_dir: &Path) -> AccelChoice {
     match config.accel {
         AccelSetting::Kvm => return AccelChoice { accel: Accel::Kvm, reason: "forced by hypervisor.accel = \"kvm\"".into() },
         AccelSetting::Tcg => return AccelChoice { accel: Accel::Tcg, reason: "forced by hypervisor.accel = \"tcg\"".into() },
