@@ -60,6 +60,8 @@ struct Attached {
     name: String,
     mac: String,
     port: u32,
+    /// The addresses the guest's frames are filtered by (an address CNI adds later renews the filters).
+    addresses: Vec<String>,
 }
 
 /// Interfaces of one VM: what is attached, so that a second look only adds what is new.
@@ -188,7 +190,12 @@ impl Network {
         routes.extend(parse_routes(&run_in(ns, "ip", &["-j", "-6", "route", "show"]).await?, 6, &ifaces)?);
         routes.truncate(MAX_ROUTES);
         for i in &ifaces {
-            if self.attached.iter().any(|a| a.name == i.name && a.mac == i.mac) {
+            if let Some(a) = self.attached.iter_mut().find(|a| a.name == i.name && a.mac == i.mac) {
+                if a.addresses != i.addresses {
+                    connect(ns, i, &tap_name(a.port)).await?;
+                    info!(iface = %i.name, addresses = ?i.addresses, "the guest's frames are filtered by the interface's new addresses");
+                    a.addresses = i.addresses.clone();
+                }
                 continue;
             }
             let port = (0..vm.network_ports()).find(|p| !self.attached.iter().any(|a| a.port == *p)).ok_or(NetworkError::TooMany {
@@ -197,9 +204,9 @@ impl Network {
             })?;
             let tap = tap_name(port);
             vm.hotplug_nic(port, &tap, &i.mac).await.map_err(|e| NetworkError::Hotplug { iface: i.name.clone(), detail: e.to_string() })?;
-            connect(ns, &i.name, &tap, i.mtu).await?;
+            connect(ns, i, &tap).await?;
             info!(iface = %i.name, mac = %i.mac, tap, port, addresses = ?i.addresses, "interface mirrored into the VM");
-            self.attached.push(Attached { name: i.name.clone(), mac: i.mac.clone(), port });
+            self.attached.push(Attached { name: i.name.clone(), mac: i.mac.clone(), port, addresses: i.addresses.clone() });
         }
         Ok(Some(ag::UpdateNetworkRequest {
             container_id: container_id.to_string(),
@@ -225,18 +232,77 @@ impl Network {
 }
 
 /// Joins `iface` and `tap`: each one's ingress is redirected to the other's egress (tc mirred), so
-/// every frame crosses unchanged and the host's stack never sees the container's traffic.
-async fn connect(ns: BorrowedFd<'_>, iface: &str, tap: &str, mtu: u32) -> Result<(), NetworkError> {
-    let mtu = mtu.to_string();
+/// every frame crosses unchanged and the host's stack never sees the container's traffic. Frames from
+/// the guest (the tap's ingress) cross only when they carry the interface's own MAC and addresses
+/// ([`guest_filters`]); the rest go to a link that is down ([`SINK`]), which drops them.
+async fn connect(ns: BorrowedFd<'_>, iface: &Interface, tap: &str) -> Result<(), NetworkError> {
+    let mtu = iface.mtu.to_string();
     run_in(ns, "ip", &["link", "set", "dev", tap, "mtu", &mtu, "up"]).await?;
-    for (from, to) in [(iface, tap), (tap, iface)] {
+    // The sink: a veth pair left down (this host's kernel has neither tc's drop action nor a dummy link).
+    if run_in(ns, "ip", &["link", "show", "dev", SINK]).await.is_err() {
+        run_in(ns, "ip", &["link", "add", SINK, "type", "veth", "peer", "name", SINK_PEER]).await?;
+    }
+    for (from, filters) in [(iface.name.as_str(), vec![match_all(tap)]), (tap, guest_filters(iface))] {
         // A qdisc left by an earlier VM in this namespace (a restore into it) is replaced.
         let _ = run_in(ns, "tc", &["qdisc", "del", "dev", from, "ingress"]).await;
         run_in(ns, "tc", &["qdisc", "add", "dev", from, "ingress"]).await?;
-        run_in(ns, "tc", &["filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to])
-            .await?;
+        for f in filters {
+            let mut args = vec!["filter".to_string(), "add".into(), "dev".into(), from.to_string(), "parent".into(), "ffff:".into()];
+            args.extend(f);
+            run_in(ns, "tc", &args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+        }
     }
     Ok(())
+}
+
+/// The down link frames are dropped into; its name ends like a tap's, so it is never mirrored itself.
+const SINK: &str = "sink_kr";
+const SINK_PEER: &str = "sinkp_kr";
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+/// Every frame from `from` goes to `to` (host to guest).
+fn match_all(to: &str) -> Vec<String> {
+    words(&format!("prio 100 protocol all u32 match u8 0 0 action mirred egress redirect dev {to}"))
+}
+
+/// The tap's ingress filters (frames the guest sends), in priority order: DHCP server replies (IPv4 UDP
+/// from port 67, DHCPv6 from 547), router advertisements and redirects go to the sink; IPv4 (no IP
+/// options) and ARP pass only from the interface's MAC and with one of its IPv4 addresses as the sender;
+/// IPv6 passes only from its MAC, as TCP, UDP or ICMPv6 without extension headers (the guest makes its
+/// own link-local addresses, so IPv6 sources are bound to the MAC, not to an address); everything else
+/// goes to the sink. The u32 offsets are those of the network header; the Ethernet source MAC is 8 bytes
+/// before it.
+pub fn guest_filters(iface: &Interface) -> Vec<Vec<String>> {
+    let m: Vec<u8> = iface.mac.split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+    let (mac_hi, mac_lo) = (u32::from_be_bytes([m[0], m[1], m[2], m[3]]), u16::from_be_bytes([m[4], m[5]]));
+    let src_mac = format!("match u32 0x{mac_hi:08x} 0xffffffff at -8 match u16 0x{mac_lo:04x} 0xffff at -4");
+    let pass = format!("action mirred egress redirect dev {}", iface.name);
+    let sink = format!("action mirred egress redirect dev {SINK}");
+    let mut f = vec![
+        words(&format!("prio 1 protocol ip u32 match u8 17 0xff at 9 match u16 67 0xffff at 20 {sink}")),
+        words(&format!("prio 2 protocol ipv6 u32 match u8 58 0xff at 6 match u8 134 0xff at 40 {sink}")),
+        words(&format!("prio 3 protocol ipv6 u32 match u8 58 0xff at 6 match u8 137 0xff at 40 {sink}")),
+        words(&format!("prio 4 protocol ipv6 u32 match u8 17 0xff at 6 match u16 547 0xffff at 40 {sink}")),
+    ];
+    let v4: Vec<std::net::Ipv4Addr> = iface.addresses.iter().filter_map(|a| a.split('/').next()?.parse().ok()).collect();
+    for (i, a) in v4.iter().enumerate().take(32) {
+        let o = a.octets();
+        let (hi, lo) = (u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]]));
+        f.push(words(&format!("prio {} protocol ip u32 match u8 0x45 0xff at 0 match ip src {a}/32 {src_mac} {pass}", 10 + i)));
+        // ARP over Ethernet/IPv4: sender MAC at 8, sender address at 14.
+        f.push(words(&format!(
+            "prio {} protocol arp u32 match u32 0x00010800 0xffffffff at 0 match u32 0x{mac_hi:08x} 0xffffffff at 8 match u16 0x{mac_lo:04x} 0xffff at 12 match u16 0x{hi:04x} 0xffff at 14 match u16 0x{lo:04x} 0xffff at 16 {src_mac} {pass}",
+            50 + i
+        )));
+    }
+    for (i, nh) in [6u8, 17, 58].iter().enumerate() {
+        f.push(words(&format!("prio {} protocol ipv6 u32 match u8 {nh} 0xff at 6 {src_mac} {pass}", 90 + i)));
+    }
+    f.push(words(&format!("prio 100 protocol all u32 match u8 0 0 {sink}")));
+    f
 }
 
 #[cfg(test)]
@@ -270,6 +336,26 @@ mod tests {
         let r = parse_routes(v6, 6, &i).unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].family, 6);
+    }
+
+    #[test]
+    fn the_guests_frames_pass_only_with_the_interfaces_mac_and_addresses() {
+        let i = Interface { name: "eth0".into(), mac: "0a:58:0a:58:00:05".into(), mtu: 1450, addresses: vec!["10.88.0.5/16".into(), "fd00::5/64".into()] };
+        let f: Vec<String> = guest_filters(&i).iter().map(|w| w.join(" ")).collect();
+        let to_iface: Vec<&String> = f.iter().filter(|l| l.ends_with("redirect dev eth0")).collect();
+        assert!(to_iface.iter().all(|l| l.contains("match u32 0x0a580a58 0xffffffff at -8 match u16 0x0005 0xffff at -4")), "{to_iface:#?}");
+        assert!(to_iface.iter().any(|l| l.contains("protocol ip ") && l.contains("match ip src 10.88.0.5/32") && l.contains("match u8 0x45 0xff at 0")), "{f:#?}");
+        assert!(to_iface.iter().any(|l| l.contains("protocol arp") && l.contains("match u16 0x0a58 0xffff at 14 match u16 0x0005 0xffff at 16")), "{f:#?}");
+        assert_eq!(to_iface.len(), 2 + 3, "one IPv4 address (IP and ARP), three IPv6 next headers: {f:#?}");
+        // Router advertisements, redirects and DHCP server replies are sunk before anything passes; the
+        // last rule sinks the rest.
+        let prio = |l: &str| l.split_whitespace().nth(1).unwrap().parse::<u32>().unwrap();
+        for needle in ["match u8 134 0xff at 40", "match u8 137 0xff at 40", "match u16 67 0xffff at 20", "match u16 547 0xffff at 40"] {
+            let l = f.iter().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {f:#?}"));
+            assert!(l.ends_with(&format!("dev {SINK}")) && to_iface.iter().all(|p| prio(p) > prio(l)), "{l}");
+        }
+        assert_eq!(f.last().unwrap(), &format!("prio 100 protocol all u32 match u8 0 0 action mirred egress redirect dev {SINK}"));
+        assert!(SINK.ends_with(TAP_SUFFIX) && SINK_PEER.ends_with(TAP_SUFFIX), "the sink is never mirrored");
     }
 
     #[test]

@@ -112,3 +112,49 @@ fn a_tcp_server_keeps_its_connection_across_a_checkpoint_and_answers_after_a_res
     cni_del(netns, "srv-2");
     c.assert_clean();
 }
+
+/// The guest's frames leave the tap only with the interface's MAC and addresses: a container with
+/// CAP_NET_ADMIN that gives itself another source address or another MAC reaches nothing, and the
+/// host's bridge never learns the forged MAC or address; with its own again it is served as before.
+#[test]
+fn forged_frames_from_the_guest_never_reach_the_bridge() {
+    if !isolated("forged_frames_from_the_guest_never_reach_the_bridge") {
+        return;
+    }
+    let c = Containerd::start();
+    c.run_detached("spoof", &["--cni", "--cap-add", "CAP_NET_ADMIN", "--cap-add", "CAP_NET_RAW"], &["sh", "-c", WEB]);
+    let addrs = allocated_addresses();
+    assert_eq!(addrs.len(), 1, "{addrs:?}");
+    let ip = addrs[0].clone();
+    assert!(http_get(&format!("{ip}:80"), T).contains("kata-rs-web"));
+    let n = std::sync::atomic::AtomicU32::new(0);
+    let exec = |script: &str| {
+        let id = format!("x{}", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        c.ctr(&["tasks", "exec", "--exec-id", &id, "spoof", "sh", "-c", script])
+    };
+    let out = exec("cat /sys/class/net/eth0/address");
+    let mac = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let fdb = || String::from_utf8_lossy(&std::process::Command::new("bridge").args(["fdb", "show"]).output().unwrap().stdout).to_lowercase();
+    assert!(fdb().contains(&mac), "the bridge learned the container's own MAC {mac}: {}", fdb());
+    // Another source address: neither its ARP nor its IP reaches the host.
+    let prefix = ip.rsplit_once('.').unwrap().0;
+    let forged_ip = format!("{prefix}.250");
+    let o = exec(&format!(
+        "ip addr add {forged_ip}/24 dev eth0 || exit 9; arping -c 2 -w 3 -s {forged_ip} {GATEWAY}; a=$?; ping -c 2 -W 1 -I {forged_ip} {GATEWAY}; p=$?; \
+         ip addr del {forged_ip}/24 dev eth0; [ $a -eq 0 ] || [ $p -eq 0 ]"
+    ));
+    assert_ne!(o.status.code(), Some(9), "the container could add the address: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "no answer to a forged source address: {}", String::from_utf8_lossy(&o.stdout));
+    let neigh = String::from_utf8_lossy(&std::process::Command::new("ip").args(["neigh", "show", &forged_ip]).output().unwrap().stdout).into_owned();
+    assert!(!neigh.contains("lladdr"), "the host never learned the forged address: {neigh}");
+    // Another MAC: nothing it sends reaches the bridge.
+    let forged_mac = "02:00:00:00:06:66";
+    let o = exec(&format!("ip link set dev eth0 address {forged_mac} || exit 9; ping -c 2 -W 1 {GATEWAY}; r=$?; ip link set dev eth0 address {mac}; exit $r"));
+    assert_ne!(o.status.code(), Some(9), "the container could set the MAC: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success(), "no answer to a forged MAC: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(!fdb().contains(forged_mac), "the bridge never learned the forged MAC: {}", fdb());
+    // Its own MAC and address again: served as before.
+    assert!(http_get(&format!("{ip}:80"), T).contains("kata-rs-web"));
+    c.kill_and_remove("spoof");
+    c.assert_clean();
+}
