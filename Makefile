@@ -60,7 +60,10 @@ integration-test: guest-image build
 # through the installed files, uninstalls); against containerd 2.1 (Debian sid's, unpacked, not
 # installed): the containerd, checkpoint, workloads, network and pods (CRI) suites; against containerd 1.7
 # (Debian 13's, unpacked): the containerd suite.
-# Each suite runs once: a failure fails `make test`.
+# Each suite runs once: a failure fails `make test`. Tests of what the shim does below containerd
+# (virtiofsd's view of volumes, the tap's filters) run against 1.6 only: containerd's version changes
+# nothing in them.
+SHIM_ONLY_SKIP := --skip volume_copies_in_virtiofsds_namespace_have_their_final_flags --skip forged_frames_from_the_guest_never_reach_the_bridge
 test: setup guest-image build
 	$(CARGO) test --release --workspace --exclude kata-rs-tests --lib --bins
 	$(CARGO) test --release -p kata-rs-tests --test vm -- --test-threads=1
@@ -74,7 +77,8 @@ test: setup guest-image build
 	$(CARGO) test --release -p kata-rs-tests --test load -- --test-threads=1
 	$(CARGO) test --release -p kata-rs-tests --test install -- --test-threads=1
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd-debian.sh sid) \
-	  $(CARGO) test --release -p kata-rs-tests --test containerd --test checkpoint --test workloads --test network --test pods -- --test-threads=1
+	  $(CARGO) test --release -p kata-rs-tests --test containerd --test checkpoint --test workloads --test network --test pods -- --test-threads=1 \
+	  $(SHIM_ONLY_SKIP)
 	KATA_RS_CONTAINERD_BIN_DIR=$$(bash scripts/containerd-debian.sh trixie) \
 	  $(CARGO) test --release -p kata-rs-tests --test containerd -- --test-threads=1
 
