@@ -270,11 +270,12 @@ fn match_all(to: &str) -> Vec<String> {
 
 /// The tap's ingress filters (frames the guest sends), in priority order: DHCP server replies (IPv4 UDP
 /// from port 67, DHCPv6 from 547), router advertisements and redirects go to the sink; IPv4 (no IP
-/// options) and ARP pass only from the interface's MAC and with one of its IPv4 addresses as the sender;
-/// IPv6 passes only from its MAC, as TCP, UDP or ICMPv6 without extension headers (the guest makes its
-/// own link-local addresses, so IPv6 sources are bound to the MAC, not to an address); everything else
-/// goes to the sink. The u32 offsets are those of the network header; the Ethernet source MAC is 8 bytes
-/// before it.
+/// options, or IGMP with Router Alert) and ARP pass only from the interface's MAC and with one of its
+/// IPv4 addresses as the sender (ARP probes with 0.0.0.0 too); IPv6 passes only from its MAC, as TCP,
+/// UDP, ICMPv6 or a fragment, without other extension headers (so MLD, which needs hop-by-hop, does not
+/// pass; the guest makes its own link-local addresses, so IPv6 sources are bound to the MAC, not to an
+/// address); everything else goes to the sink. The u32 offsets are those of the network header (a u32
+/// match must be 4-byte aligned, a u16 one 2-byte aligned); the Ethernet source MAC is 8 bytes before it.
 pub fn guest_filters(iface: &Interface) -> Vec<Vec<String>> {
     let m: Vec<u8> = iface.mac.split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
     let (mac_hi, mac_lo) = (u32::from_be_bytes([m[0], m[1], m[2], m[3]]), u16::from_be_bytes([m[4], m[5]]));
@@ -282,6 +283,8 @@ pub fn guest_filters(iface: &Interface) -> Vec<Vec<String>> {
     let pass = format!("action mirred egress redirect dev {}", iface.name);
     let sink = format!("action mirred egress redirect dev {SINK}");
     let mut f = vec![
+        // The sink first: while the rules are added nothing passes unfiltered.
+        words(&format!("prio 100 protocol all u32 match u8 0 0 {sink}")),
         words(&format!("prio 1 protocol ip u32 match u8 17 0xff at 9 match u16 67 0xffff at 20 {sink}")),
         words(&format!("prio 2 protocol ipv6 u32 match u8 58 0xff at 6 match u8 134 0xff at 40 {sink}")),
         words(&format!("prio 3 protocol ipv6 u32 match u8 58 0xff at 6 match u8 137 0xff at 40 {sink}")),
@@ -292,16 +295,22 @@ pub fn guest_filters(iface: &Interface) -> Vec<Vec<String>> {
         let o = a.octets();
         let (hi, lo) = (u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]]));
         f.push(words(&format!("prio {} protocol ip u32 match u8 0x45 0xff at 0 match ip src {a}/32 {src_mac} {pass}", 10 + i)));
+        // IGMP membership reports carry the Router Alert option (IHL 6).
+        f.push(words(&format!("prio {} protocol ip u32 match u8 0x46 0xff at 0 match u8 2 0xff at 9 match ip src {a}/32 {src_mac} {pass}", 10 + i)));
         // ARP over Ethernet/IPv4: sender MAC at 8, sender address at 14.
         f.push(words(&format!(
             "prio {} protocol arp u32 match u32 0x00010800 0xffffffff at 0 match u32 0x{mac_hi:08x} 0xffffffff at 8 match u16 0x{mac_lo:04x} 0xffff at 12 match u16 0x{hi:04x} 0xffff at 14 match u16 0x{lo:04x} 0xffff at 16 {src_mac} {pass}",
             50 + i
         )));
     }
-    for (i, nh) in [6u8, 17, 58].iter().enumerate() {
+    // ARP probes (sender address 0.0.0.0) from the interface's MAC: they update no neighbour table.
+    f.push(words(&format!(
+        "prio 89 protocol arp u32 match u32 0x00010800 0xffffffff at 0 match u32 0x{mac_hi:08x} 0xffffffff at 8 match u16 0x{mac_lo:04x} 0xffff at 12 match u16 0 0xffff at 14 match u16 0 0xffff at 16 {src_mac} {pass}"
+    )));
+    // TCP, UDP, ICMPv6, and fragments (a fragmented router advertisement is refused by the receiver).
+    for (i, nh) in [6u8, 17, 58, 44].iter().enumerate() {
         f.push(words(&format!("prio {} protocol ipv6 u32 match u8 {nh} 0xff at 6 {src_mac} {pass}", 90 + i)));
     }
-    f.push(words(&format!("prio 100 protocol all u32 match u8 0 0 {sink}")));
     f
 }
 
@@ -346,7 +355,7 @@ mod tests {
         assert!(to_iface.iter().all(|l| l.contains("match u32 0x0a580a58 0xffffffff at -8 match u16 0x0005 0xffff at -4")), "{to_iface:#?}");
         assert!(to_iface.iter().any(|l| l.contains("protocol ip ") && l.contains("match ip src 10.88.0.5/32") && l.contains("match u8 0x45 0xff at 0")), "{f:#?}");
         assert!(to_iface.iter().any(|l| l.contains("protocol arp") && l.contains("match u16 0x0a58 0xffff at 14 match u16 0x0005 0xffff at 16")), "{f:#?}");
-        assert_eq!(to_iface.len(), 2 + 3, "one IPv4 address (IP and ARP), three IPv6 next headers: {f:#?}");
+        assert_eq!(to_iface.len(), 3 + 1 + 4, "one IPv4 address (IP, IGMP, ARP), ARP probes, four IPv6 next headers: {f:#?}");
         // Router advertisements, redirects and DHCP server replies are sunk before anything passes; the
         // last rule sinks the rest.
         let prio = |l: &str| l.split_whitespace().nth(1).unwrap().parse::<u32>().unwrap();
@@ -354,7 +363,23 @@ mod tests {
             let l = f.iter().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {f:#?}"));
             assert!(l.ends_with(&format!("dev {SINK}")) && to_iface.iter().all(|p| prio(p) > prio(l)), "{l}");
         }
-        assert_eq!(f.last().unwrap(), &format!("prio 100 protocol all u32 match u8 0 0 action mirred egress redirect dev {SINK}"));
+        assert_eq!(f[0], format!("prio 100 protocol all u32 match u8 0 0 action mirred egress redirect dev {SINK}"), "the sink is added first");
+        assert!(f.iter().all(|l| prio(l) <= 100), "the sink is the last priority: {f:#?}");
+        // tc refuses unaligned matches ("Illegal match"): every `at` is aligned to its width.
+        for l in &f {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            for (i, x) in w.iter().enumerate() {
+                if *x == "at" {
+                    let at: i64 = w[i + 1].parse().unwrap();
+                    let width = match w[i - 3] {
+                        "u32" => 4,
+                        "u16" => 2,
+                        _ => 1,
+                    };
+                    assert_eq!(at.rem_euclid(width), 0, "unaligned match in {l}");
+                }
+            }
+        }
         assert!(SINK.ends_with(TAP_SUFFIX) && SINK_PEER.ends_with(TAP_SUFFIX), "the sink is never mirrored");
     }
 

@@ -46,9 +46,10 @@ const IO_DRAIN: Duration = Duration::from_secs(10);
 /// How long a process has to exit after SIGKILL before the host ends it itself (the VM, or for a pod's
 /// container its place in the VM).
 const KILL_GRACE: Duration = Duration::from_secs(10);
-/// An agent that does not answer a signal within this (runc's `kill --all` within the longer one) is
-/// taken for one that never will: the host ends the process itself.
-const SIGNAL_CALL: Duration = Duration::from_secs(5);
+/// An agent that does not answer a SIGKILL within this (runc's `kill --all` within the longer one) is
+/// taken for one that never will: the host ends the process itself. Above what the guest's container
+/// lock may be held for by a `runc exec` under TCG.
+const SIGNAL_CALL: Duration = Duration::from_secs(15);
 const SIGNAL_ALL_CALL: Duration = Duration::from_secs(20);
 /// The exit status the host reports for a process it ended itself (128 + SIGKILL, as runc reports it).
 const KILLED_STATUS: u32 = 137;
@@ -116,6 +117,9 @@ struct Proc {
     /// The host is ending this process (the guest would not): its exit is [`KILLED_STATUS`], whoever
     /// reports it first.
     ended_by_host: bool,
+    /// The guest answered WaitProcess: the exit is recorded once the output has drained (the kill
+    /// watchdog does not end a process that is only draining).
+    guest_reported_exit: bool,
 }
 
 impl Proc {
@@ -134,6 +138,7 @@ impl Proc {
             io: vec![],
             stdin_io: None,
             ended_by_host: false,
+            guest_reported_exit: false,
         }
     }
 
@@ -259,11 +264,20 @@ pub struct TaskService {
     publisher: Arc<RemotePublisher>,
     namespace: String,
     exit: Arc<ExitSignal>,
+    /// Held while the host ends a VM itself ([`Self::force_exit`]): Shutdown waits for it.
+    ending: Arc<Mutex<()>>,
 }
 
 impl TaskService {
     pub fn new(publisher: RemotePublisher, namespace: String, exit: Arc<ExitSignal>) -> Self {
-        TaskService { state: Arc::new(Mutex::new(Shim::default())), creating: Arc::default(), publisher: Arc::new(publisher), namespace, exit }
+        TaskService {
+            state: Arc::new(Mutex::new(Shim::default())),
+            creating: Arc::default(),
+            publisher: Arc::new(publisher),
+            namespace,
+            exit,
+            ending: Arc::default(),
+        }
     }
 
     fn creating_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CreateTaskRequest>> {
@@ -291,21 +305,24 @@ impl TaskService {
         let me = self.clone();
         tokio::spawn(async move {
             let req = ag::ProcessRequest { container_id: cid.clone(), exec_id: exec_id.clone(), ..Default::default() };
-            let code = match agent.call("WaitProcess", LONG, |c, ctx| async move { c.wait_process(ctx, &req).await }).await {
-                Ok(r) => r.exit_status as u32,
+            let (code, reported) = match agent.call("WaitProcess", LONG, |c, ctx| async move { c.wait_process(ctx, &req).await }).await {
+                Ok(r) => (r.exit_status as u32, true),
                 Err(e) => {
                     warn!(cid, exec_id, error = %e, "lost the process (VM gone?); reporting exit 255");
-                    255
+                    (255, false)
                 }
             };
             let io = {
                 let mut g = me.state.lock().await;
                 let Some(st) = g.task_mut(&cid) else { return };
                 let Ok(p) = st.proc_mut(&exec_id) else { return };
+                p.guest_reported_exit = reported;
                 std::mem::take(&mut p.io)
             };
+            // One bound for all of the process's output.
+            let deadline = tokio::time::Instant::now() + IO_DRAIN;
             for mut h in io {
-                if tokio::time::timeout(IO_DRAIN, &mut h).await.is_err() {
+                if tokio::time::timeout_at(deadline, &mut h).await.is_err() {
                     warn!(cid, exec_id, "the process's output did not end within {IO_DRAIN:?} of its exit: its forwarder is aborted");
                     h.abort();
                 }
@@ -363,7 +380,17 @@ impl TaskService {
     /// VM's own container or of a pod's sandbox ends the VM (QMP quit, then SIGKILL), and with it every
     /// process in it.
     async fn force_exit(&self, cid: &str, exec_id: &str, why: &str) {
+        // Exited already (or only draining its output): nothing to end.
+        let gone = |p: &Proc| p.exit_rx.borrow().is_some() || p.guest_reported_exit;
         if !exec_id.is_empty() {
+            {
+                let mut g = self.state.lock().await;
+                let Some(p) = g.task_mut(cid).and_then(|st| st.execs.get_mut(exec_id)) else { return };
+                if gone(p) {
+                    return;
+                }
+                p.ended_by_host = true;
+            }
             warn!(cid, exec_id, why, "the host reports the exec exited ({KILLED_STATUS})");
             self.record_exit(cid, exec_id, KILLED_STATUS).await;
             return;
@@ -371,7 +398,7 @@ impl TaskService {
         let pod_container = {
             let g = self.state.lock().await;
             let Some(st) = g.tasks.get(cid) else { return };
-            if st.init.exit_rx.borrow().is_some() {
+            if gone(&st.init) {
                 return;
             }
             let others = g.tasks.iter().any(|(k, t)| k != cid && !t.released);
@@ -379,10 +406,18 @@ impl TaskService {
         };
         if pod_container {
             warn!(cid, why, "the host takes the container out of the pod's VM and revokes its mounts");
-            let agent = {
+            let (agent, execs) = {
                 let mut g = self.state.lock().await;
                 let Some(st) = g.task_mut(cid) else { return };
+                if gone(&st.init) {
+                    return; // it exited meanwhile
+                }
                 st.init.ended_by_host = true;
+                let mut execs = vec![];
+                for (k, p) in st.execs.iter_mut().filter(|(_, p)| p.exit_rx.borrow().is_none()) {
+                    p.ended_by_host = true;
+                    execs.push(k.clone());
+                }
                 if !st.released {
                     st.released = true;
                     st.mounts.teardown_in_running_vm(&st.shared);
@@ -390,8 +425,11 @@ impl TaskService {
                         s.remove();
                     }
                 }
-                st.agent.clone()
+                (st.agent.clone(), execs)
             };
+            for e in &execs {
+                self.record_exit(cid, e, KILLED_STATUS).await;
+            }
             self.record_exit(cid, "", KILLED_STATUS).await;
             let req = ag::ContainerRequest { container_id: cid.to_string(), ..Default::default() };
             if let Err(e) = agent.call("RemoveContainer", SIGNAL_ALL_CALL, |c, ctx| async move { c.remove_container(ctx, &req).await }).await {
@@ -417,9 +455,10 @@ impl TaskService {
             (g.vm.take(), ids)
         };
         warn!(cid, why, processes = ids.len(), "the host ends the VM");
-        // The VM ends before any exit is reported: once containerd sees the exits it may delete the tasks
-        // and shut the shim down, which must not leave a QEMU behind.
+        // Once QEMU is gone the waiters may report the exits, containerd delete the tasks and shut the
+        // shim down: Shutdown waits for this guard, so the VM's directory and cgroup are gone first.
         if let Some(vm) = vm {
+            let _ending = self.ending.lock().await;
             vm.kill().await;
         }
         for (c, e) in ids {
@@ -1030,12 +1069,14 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
-        let (agent, cid) = {
+        let (agent, cid, created) = {
             let mut g = self.state.lock().await;
             let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             let cid = st.id.clone();
             let agent = st.agent.clone();
             let p = st.proc_mut(&req.exec_id)?;
+            // A process that never started has no waiter: its kill is the guest's, as before Start.
+            let created = p.status == PStatus::Created;
             match p.status {
                 PStatus::Stopped => return Err(TaskError::not_found(format!("process {cid}/{} already finished", req.exec_id))),
                 PStatus::Starting | PStatus::Restoring => {
@@ -1043,7 +1084,7 @@ impl Task for TaskService {
                 }
                 _ => {}
             }
-            (agent, cid)
+            (agent, cid, created)
         };
         let exec_id = req.exec_id.clone();
         let r = ag::SignalProcessRequest { container_id: cid.clone(), exec_id: req.exec_id, signal: req.signal, all: req.all, ..Default::default() };
@@ -1051,20 +1092,21 @@ impl Task for TaskService {
         let sigkill = req.signal == libc::SIGKILL as u32;
         match agent.call("SignalProcess", bound, |c, ctx| async move { c.signal_process(ctx, &r).await }).await {
             Ok(_) => {
-                if sigkill {
+                if sigkill && !created {
                     // Whatever the guest answered, the process is gone within the grace, or the host ends it.
                     self.spawn_kill_watchdog(cid, exec_id);
                 }
                 Ok(Empty::new())
             }
-            Err(e @ agent_client::AgentError::Timeout { .. }) => {
-                // A guest that does not answer a signal does not decide whether it may be stopped.
-                warn!(cid, exec_id, error = %e, "the guest did not answer the signal: the host ends the process");
-                self.force_exit(&cid, &exec_id, &format!("the guest did not answer signal {} within {bound:?}", req.signal)).await;
+            Err(e @ agent_client::AgentError::Timeout { .. }) if sigkill => {
+                // A guest that does not answer a SIGKILL does not decide whether it may be stopped. (Any
+                // other signal is the caller's to escalate: its timeout is returned.)
+                warn!(cid, exec_id, error = %e, "the guest did not answer SIGKILL: the host ends the process");
+                self.force_exit(&cid, &exec_id, &format!("the guest did not answer SIGKILL within {bound:?}")).await;
                 Ok(Empty::new())
             }
             Err(e) => {
-                if sigkill {
+                if sigkill && !created {
                     self.spawn_kill_watchdog(cid, exec_id);
                 }
                 Err(agent_err(e))
@@ -1196,6 +1238,9 @@ impl Task for TaskService {
         if let Some(vm) = g.vm.take() {
             vm.stop(None).await;
         }
+        drop(g);
+        // A VM the host is ending itself finishes its teardown first.
+        drop(self.ending.lock().await);
         self.exit.signal();
         Ok(Empty::new())
     }
