@@ -90,11 +90,14 @@ fn can_delete(id: &str, status: PStatus) -> Result<(), TaskError> {
 
 type ExitInfo = Option<(u32, Timestamp)>;
 
-/// Waits until a process's exit is recorded (or its state is gone).
-async fn wait_exit(mut rx: watch::Receiver<ExitInfo>) {
+/// Waits until a process's exit is recorded: the exit, or `None` when its state is gone.
+async fn wait_exit(mut rx: watch::Receiver<ExitInfo>) -> ExitInfo {
     loop {
-        if rx.borrow_and_update().is_some() || rx.changed().await.is_err() {
-            return;
+        if let Some(e) = rx.borrow_and_update().clone() {
+            return Some(e);
+        }
+        if rx.changed().await.is_err() {
+            return None;
         }
     }
 }
@@ -1053,18 +1056,14 @@ impl Task for TaskService {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
-        let mut rx = {
+        let rx = {
             let mut g = self.state.lock().await;
             let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             st.proc_mut(&req.exec_id)?.exit_rx.clone()
         };
-        loop {
-            if let Some((code, ts)) = rx.borrow_and_update().clone() {
-                return Ok(WaitResponse { exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
-            }
-            if rx.changed().await.is_err() {
-                return Err(TaskError::internal("process state lost"));
-            }
+        match wait_exit(rx).await {
+            Some((code, ts)) => Ok(WaitResponse { exit_status: code, exited_at: Some(ts).into(), ..Default::default() }),
+            None => Err(TaskError::internal("process state lost")),
         }
     }
 
