@@ -921,102 +921,12 @@ impl Task for TaskService {
 
     async fn start(&self, ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         let request_deadline = request_deadline(ctx);
-        // Under the lock: the checks, the move to Starting/Restoring, and what the agent call needs.
-        let (agent, cid, host_pid, restore, staging, deadline, bundle, process) = {
-            let mut guard = self.state.lock().await;
-            let g = &mut *guard;
-            let st = g.tasks.get_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
-            let restore = req.exec_id.is_empty() && st.restore_pending;
-            let status = st.proc_mut(&req.exec_id)?.status;
-            can_start(&st.id, &req.exec_id, status)?;
-            if let Some(why) = &st.vm_gone {
-                return Err(TaskError::precondition(format!("task {}: the VM is gone ({why})", st.id)));
-            }
-            // Interfaces added since Create (ctr run --cni configures the namespace of the task's pid
-            // between Create and Start) are hot-plugged before the container runs.
-            if req.exec_id.is_empty() && !matches!(st.role, spec::PodRole::Container(_)) {
-                if let Some(vm) = g.vm.as_mut() {
-                    sync_network(&mut vm.network, &vm.sandbox.vm, &st.agent, &st.id).await?;
-                }
-            }
-            let staging = if restore { st.restore_staging.take() } else { None };
-            if restore {
-                st.restore_pending = false;
-            }
-            let deadline = checkpoint::effective_deadline(st.deadline_s, request_deadline);
-            let (agent, cid, host_pid, bundle) = (st.agent.clone(), st.id.clone(), st.host_pid, st.bundle.clone());
-            let p = st.proc_mut(&req.exec_id)?;
-            p.status = if restore { PStatus::Restoring } else { PStatus::Starting };
-            (agent, cid, host_pid, restore, staging, deadline, bundle, p.spec.clone())
-        };
-        // Without the lock: the agent call (a restore can take minutes); Kill, State and Delete answer.
-        let result = if restore {
-            self.restore_init(&agent, &cid, deadline, &bundle, staging).await
-        } else if req.exec_id.is_empty() {
-            let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
-            agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
-        } else {
-            let r = ag::ExecProcessRequest { container_id: cid.clone(), exec_id: req.exec_id.clone(), process, ..Default::default() };
-            agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
-        };
-        let mut g = self.state.lock().await;
-        let st = g.task_mut(&cid).ok_or_else(|| TaskError::not_found(format!("task {cid} was deleted while it started")))?;
-        let p = st.proc_mut(&req.exec_id)?;
-        let guest_pid = match result {
-            Ok(pid) if p.status == PStatus::Stopped => {
-                // The VM went away meanwhile; its exit is already reported.
-                return Err(TaskError::unavailable(format!("process {cid}/{} started (guest pid {pid}) but its VM is gone", req.exec_id)));
-            }
-            Ok(pid) => pid,
-            Err(e) if restore => {
-                // Nothing can run in this VM any more: stop it now, and report the task stopped.
-                p.status = PStatus::Stopped;
-                let ts = timestamp().unwrap_or_default();
-                let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
-                let creating = !self.creating_lock().is_empty();
-                TaskService::release(&mut g, &cid, creating).await;
-                drop(g);
-                warn!(cid, error = %e, "restore failed; the container is out of the VM (the VM stopped unless other containers of its pod run in it)");
-                self.publish(
-                    TASK_EXIT_EVENT_TOPIC,
-                    Box::new(TaskExit {
-                        container_id: cid.clone(),
-                        id: cid.clone(),
-                        pid: host_pid,
-                        exit_status: RESTORE_FAILED_STATUS,
-                        exited_at: Some(ts).into(),
-                        ..Default::default()
-                    }),
-                )
-                .await;
-                return Err(e);
-            }
-            Err(e) => {
-                if p.status == PStatus::Starting {
-                    p.status = PStatus::Created;
-                }
-                return Err(e);
-            }
-        };
-        p.guest_pid = guest_pid;
-        p.status = PStatus::Running;
-        if !req.exec_id.is_empty() {
-            p.start_io(&agent, &cid, &req.exec_id);
-        }
-        let poststart = (req.exec_id.is_empty() && !st.hooks.poststart.is_empty()).then(|| (st.hooks.poststart.clone(), st.hook_state("running")));
-        drop(g);
-        if let Some((list, state)) = poststart {
-            hooks::run_all_warn("poststart", &list, &state).await;
-        }
-        info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
-        let pid = host_pid;
-        self.spawn_waiter(agent, cid.clone(), req.exec_id.clone());
-        if req.exec_id.is_empty() {
-            self.publish(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid, pid, ..Default::default() })).await;
-        } else {
-            self.publish(TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(TaskExecStarted { container_id: cid, exec_id: req.exec_id, pid, ..Default::default() })).await;
-        }
-        Ok(StartResponse { pid, ..Default::default() })
+        // Its own task: should ttrpc drop this call at the caller's deadline (a restore outlasts a short
+        // one), the start or restore still ends in a state Kill and Delete accept (Running or Stopped).
+        let me = self.clone();
+        tokio::spawn(async move { me.start_inner(req, request_deadline).await })
+            .await
+            .map_err(|e| TaskError::internal(format!("start task failed: {e}")))?
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
@@ -1346,6 +1256,106 @@ async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, n
 }
 
 impl TaskService {
+    /// Start of a task's init or exec, or the restore of a task created from a checkpoint.
+    async fn start_inner(&self, req: StartRequest, request_deadline: Option<Duration>) -> ttrpc::Result<StartResponse> {
+        // Under the lock: the checks, the move to Starting/Restoring, and what the agent call needs.
+        let (agent, cid, host_pid, restore, staging, deadline, bundle, process) = {
+            let mut guard = self.state.lock().await;
+            let g = &mut *guard;
+            let st = g.tasks.get_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
+            let restore = req.exec_id.is_empty() && st.restore_pending;
+            let status = st.proc_mut(&req.exec_id)?.status;
+            can_start(&st.id, &req.exec_id, status)?;
+            if let Some(why) = &st.vm_gone {
+                return Err(TaskError::precondition(format!("task {}: the VM is gone ({why})", st.id)));
+            }
+            // Interfaces added since Create (ctr run --cni configures the namespace of the task's pid
+            // between Create and Start) are hot-plugged before the container runs.
+            if req.exec_id.is_empty() && !matches!(st.role, spec::PodRole::Container(_)) {
+                if let Some(vm) = g.vm.as_mut() {
+                    sync_network(&mut vm.network, &vm.sandbox.vm, &st.agent, &st.id).await?;
+                }
+            }
+            let staging = if restore { st.restore_staging.take() } else { None };
+            if restore {
+                st.restore_pending = false;
+            }
+            let deadline = checkpoint::effective_deadline(st.deadline_s, request_deadline);
+            let (agent, cid, host_pid, bundle) = (st.agent.clone(), st.id.clone(), st.host_pid, st.bundle.clone());
+            let p = st.proc_mut(&req.exec_id)?;
+            p.status = if restore { PStatus::Restoring } else { PStatus::Starting };
+            (agent, cid, host_pid, restore, staging, deadline, bundle, p.spec.clone())
+        };
+        // Without the lock: the agent call (a restore can take minutes); Kill, State and Delete answer.
+        let result = if restore {
+            self.restore_init(&agent, &cid, deadline, &bundle, staging).await
+        } else if req.exec_id.is_empty() {
+            let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
+            agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
+        } else {
+            let r = ag::ExecProcessRequest { container_id: cid.clone(), exec_id: req.exec_id.clone(), process, ..Default::default() };
+            agent.call_default("ExecProcess", |c, ctx| async move { c.exec_process(ctx, &r).await }).await.map(|r| r.pid).map_err(agent_err)
+        };
+        let mut g = self.state.lock().await;
+        let st = g.task_mut(&cid).ok_or_else(|| TaskError::not_found(format!("task {cid} was deleted while it started")))?;
+        let p = st.proc_mut(&req.exec_id)?;
+        let guest_pid = match result {
+            Ok(pid) if p.status == PStatus::Stopped => {
+                // The VM went away meanwhile; its exit is already reported.
+                return Err(TaskError::unavailable(format!("process {cid}/{} started (guest pid {pid}) but its VM is gone", req.exec_id)));
+            }
+            Ok(pid) => pid,
+            Err(e) if restore => {
+                // Nothing can run in this VM any more: stop it now, and report the task stopped.
+                p.status = PStatus::Stopped;
+                let ts = timestamp().unwrap_or_default();
+                let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
+                let creating = !self.creating_lock().is_empty();
+                TaskService::release(&mut g, &cid, creating).await;
+                drop(g);
+                warn!(cid, error = %e, "restore failed; the container is out of the VM (the VM stopped unless other containers of its pod run in it)");
+                self.publish(
+                    TASK_EXIT_EVENT_TOPIC,
+                    Box::new(TaskExit {
+                        container_id: cid.clone(),
+                        id: cid.clone(),
+                        pid: host_pid,
+                        exit_status: RESTORE_FAILED_STATUS,
+                        exited_at: Some(ts).into(),
+                        ..Default::default()
+                    }),
+                )
+                .await;
+                return Err(e);
+            }
+            Err(e) => {
+                if p.status == PStatus::Starting {
+                    p.status = PStatus::Created;
+                }
+                return Err(e);
+            }
+        };
+        p.guest_pid = guest_pid;
+        p.status = PStatus::Running;
+        if !req.exec_id.is_empty() {
+            p.start_io(&agent, &cid, &req.exec_id);
+        }
+        let poststart = (req.exec_id.is_empty() && !st.hooks.poststart.is_empty()).then(|| (st.hooks.poststart.clone(), st.hook_state("running")));
+        drop(g);
+        if let Some((list, state)) = poststart {
+            hooks::run_all_warn("poststart", &list, &state).await;
+        }
+        info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
+        let pid = host_pid;
+        self.spawn_waiter(agent, cid.clone(), req.exec_id.clone());
+        if req.exec_id.is_empty() {
+            self.publish(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid, pid, ..Default::default() })).await;
+        } else {
+            self.publish(TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(TaskExecStarted { container_id: cid, exec_id: req.exec_id, pid, ..Default::default() })).await;
+        }
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
     /// The restore of a task created from a checkpoint (its Start): CRIU restore in the guest from the
     /// staged images; the CRIU log comes back on failure. Returns the guest pid.
     async fn restore_init(&self, agent: &AgentClient, cid: &str, deadline: (u64, &'static str), bundle: &Path, staging: Option<Staging>) -> ttrpc::Result<u32> {

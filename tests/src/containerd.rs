@@ -101,7 +101,7 @@ fn mkimage(out: &Path, name: &str, extras: &[String], cmd: Option<&str>) {
 }
 
 /// The OCI image tar of the test image: the guest image's busybox plus /bin/memhog (tests/images/memhog.c,
-/// built static here). Rebuilt when memhog.c or the busybox binary is newer than the tar.
+/// built static here) and the blank /count it writes. Rebuilt when memhog.c or the busybox binary is newer than the tar.
 pub fn busybox_image() -> PathBuf {
     let _g = IMAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = images_dir();
@@ -112,7 +112,11 @@ pub fn busybox_image() -> PathBuf {
         let memhog = dir.join("memhog");
         let st = Command::new("gcc").args(["-O2", "-static", "-Wall", "-o"]).arg(&memhog).arg(&src).status().expect("running gcc");
         assert!(st.success(), "building memhog");
-        mkimage(&out, IMAGE, &[format!("{}:/bin/memhog", memhog.display())], None);
+        // memhog keeps /count open: the image has it (blank, the width memhog writes), so a checkpoint
+        // without the rootfs diff restores too.
+        let count = dir.join("count-blank");
+        std::fs::write(&count, format!("{:20}\n", "")).unwrap();
+        mkimage(&out, IMAGE, &[format!("{}:/bin/memhog", memhog.display()), format!("{}:/count", count.display())], None);
     }
     out
 }
