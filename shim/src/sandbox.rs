@@ -28,6 +28,8 @@ pub enum SandboxError {
     QemuDied { status: String, console: String, tail: String },
     #[error("preparing the sandbox directory {path}: {message}")]
     Prepare { path: String, message: String },
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroups::CgroupError),
 }
 
 /// The line the guest agent prints on the console once it listens on its vsock port.
@@ -48,6 +50,8 @@ pub struct Sandbox {
     /// agent client fails every call at once from then on.
     pub gone: tokio::sync::watch::Receiver<Option<String>>,
     watcher: tokio::task::JoinHandle<()>,
+    /// The host cgroup QEMU and its daemons run in (removed once they are gone).
+    host_cgroup: Option<crate::cgroups::HostCgroup>,
 }
 
 /// Watches a VM for its end (vmm::watch): the first SHUTDOWN, GUEST_PANICKED or RESET, QEMU exiting
@@ -74,6 +78,9 @@ pub struct Prepared {
     shared: Arc<Dir>,
     /// The network namespace QEMU will run in (the caller's unless set).
     pub netns: vmm::Netns,
+    /// The host cgroup (path, memory limit in bytes) QEMU and its daemons are moved into as soon as
+    /// they run, before the guest boots: all the VM's memory is charged there.
+    pub cgroup: Option<(String, u64)>,
 }
 
 impl Prepared {
@@ -135,7 +142,7 @@ impl Sandbox {
             return Err(fail(e));
         }
         match Dir::open_host(&shared_dir) {
-            Ok(d) => Ok(Prepared { id: id.to_string(), dir, shared_dir, shared: Arc::new(d), netns: vmm::Netns::Inherit }),
+            Ok(d) => Ok(Prepared { id: id.to_string(), dir, shared_dir, shared: Arc::new(d), netns: vmm::Netns::Inherit, cgroup: None }),
             Err(e) => {
                 remove_sandbox_dir(&dir);
                 Err(fail(e.to_string()))
@@ -176,6 +183,21 @@ impl Sandbox {
         };
         let start = Instant::now();
         let mut vm = Vm::start(spec).await?;
+        let host_cgroup = match &p.cgroup {
+            Some((path, limit)) => match crate::cgroups::HostCgroup::place(path, &crate::cgroups::with_descendants(&vm.pids()), *limit) {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    vm.shutdown().await;
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        let fail = |cg: Option<crate::cgroups::HostCgroup>| {
+            if let Some(cg) = cg {
+                cg.remove();
+            }
+        };
         let transport = match vm.agent_channel() {
             AgentChannel::Vsock { cid } => Transport::Vsock { cid: *cid, port: AGENT_PORT },
             AgentChannel::Hybrid { uds } => Transport::Hybrid { uds: uds.clone(), port: AGENT_PORT },
@@ -192,6 +214,7 @@ impl Sandbox {
             if let Some(status) = vm.qemu_exited() {
                 let err = SandboxError::QemuDied { status: status.to_string(), console: vm.console_log().display().to_string(), tail: console_tail(&vm) };
                 vm.shutdown().await;
+                fail(host_cgroup);
                 return Err(err);
             }
             if start.elapsed() >= total {
@@ -208,6 +231,7 @@ impl Sandbox {
                         let err =
                             SandboxError::QemuDied { status: status.to_string(), console: vm.console_log().display().to_string(), tail: console_tail(&vm) };
                         vm.shutdown().await;
+                        fail(host_cgroup);
                         return Err(err);
                     }
                     if start.elapsed() >= total {
@@ -218,6 +242,7 @@ impl Sandbox {
                             tail: console_tail(&vm),
                         };
                         vm.shutdown().await;
+                        fail(host_cgroup);
                         return Err(err);
                     }
                 }
@@ -227,7 +252,7 @@ impl Sandbox {
         info!(id, boot_s = boot_time.as_secs_f64(), "guest agent ready");
         let (gone, watcher) = watch_vm(&vm, id);
         let agent = agent.with_vm_watch(gone.clone());
-        Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, shared: p.shared.clone(), boot_time, gone, watcher })
+        Ok(Sandbox { id: id.to_string(), vm, agent, dir, shared_dir, shared: p.shared.clone(), boot_time, gone, watcher, host_cgroup })
     }
 
     /// Stops the VM and its daemons, removes the container's mounts (when given) and then the sandbox
@@ -249,6 +274,9 @@ impl Sandbox {
             self.vm.kill().await;
         } else {
             self.vm.shutdown().await;
+        }
+        if let Some(cg) = &self.host_cgroup {
+            cg.remove();
         }
         drop(self.shared);
         remove_sandbox_dir(&self.dir);

@@ -173,25 +173,17 @@ struct PodVm {
     /// Interfaces of QEMU's network namespace mirrored into the VM so far.
     network: network::Network,
     guest_mem_mib: u64,
-    /// A pod's host cgroup (its sandbox spec's cgroupsPath), holding QEMU and its daemons.
-    host_cgroup: Option<cgroups::HostCgroup>,
 }
 
 impl PodVm {
-    /// Ends the VM without waiting for the guest, then removes the host cgroup it was in.
+    /// Ends the VM without waiting for the guest (its host cgroup goes with it).
     async fn kill(self) {
         self.sandbox.kill().await;
-        if let Some(cg) = &self.host_cgroup {
-            cg.remove();
-        }
     }
 
-    /// Stops the VM, then removes the host cgroup it was in.
+    /// Stops the VM (its host cgroup goes with it).
     async fn stop(self, mounts: Option<&mounts::ContainerMounts>) {
         self.sandbox.stop(mounts).await;
-        if let Some(cg) = &self.host_cgroup {
-            cg.remove();
-        }
     }
 }
 
@@ -516,6 +508,16 @@ impl TaskService {
         }
         let mut prepared = Sandbox::prepare(&config, c.role.group(&req.id)).map_err(|e| TaskError::internal(e.to_string()))?;
         prepared.netns = spec::network_namespace(&c.spec_json);
+        // Every VM runs in a host cgroup with a memory limit: the spec's (a pod's, below the kubelet's
+        // pod cgroup: its accounting and limits cover the VM), else one of kata-rs's own.
+        let cgroup_path = c.spec_json.pointer("/linux/cgroupsPath").and_then(serde_json::Value::as_str).filter(|p| !p.is_empty());
+        let cgroup_path = cgroup_path.map(str::to_string).unwrap_or_else(|| format!("/kata-rs/{}", c.role.group(&req.id)));
+        if let Err(e) = cgroups::relative_path(&cgroup_path) {
+            prepared.discard();
+            return Err(TaskError::invalid(e.to_string()));
+        }
+        let mem = config.hypervisor.memory_mib as u64;
+        prepared.cgroup = Some((cgroup_path, cgroups::vm_memory_limit(mem, crate::sandbox::shared_dir_bytes(mem))));
         info!(netns = ?prepared.netns, "QEMU's network namespace");
         let mounts = match mounts::ContainerMounts::setup(&c.bundle, &req.rootfs, &c.adapted.volumes, prepared.shared(), &req.id) {
             Ok(m) => m,
@@ -531,25 +533,6 @@ impl TaskService {
                 return Err(TaskError::internal(e.to_string()));
             }
         };
-        // A pod's VM goes into the pod's host cgroup (the kubelet's accounting and limits cover it).
-        let cgroup_path = c.spec_json.pointer("/linux/cgroupsPath").and_then(serde_json::Value::as_str).filter(|p| !p.is_empty());
-        let host_cgroup = match (&c.role, cgroup_path) {
-            (spec::PodRole::Sandbox(_), Some(path)) => match cgroups::HostCgroup::place(path, &sandbox.vm.pids()) {
-                Ok(cg) => Some(cg),
-                Err(e @ cgroups::CgroupError::Systemd { .. }) => {
-                    warn!(error = %e, "the pod's VM stays in the shim's cgroup");
-                    None
-                }
-                Err(e) => {
-                    sandbox.stop(Some(&mounts)).await;
-                    return Err(match e {
-                        e @ cgroups::CgroupError::Path { .. } => TaskError::invalid(e.to_string()),
-                        e => TaskError::internal(e.to_string()),
-                    });
-                }
-            },
-            _ => None,
-        };
         let (agent, shared, qemu_pid, mem) = (sandbox.agent.clone(), sandbox.shared.clone(), sandbox.vm.qemu_pid(), config.hypervisor.memory_mib as u64);
         let network = network::Network::default();
         let vm = PodVm {
@@ -558,7 +541,6 @@ impl TaskService {
             sandbox,
             network,
             guest_mem_mib: mem,
-            host_cgroup,
         };
         let st = match self.create_in_vm(req, c, agent.clone(), shared, qemu_pid, mem, mounts).await {
             Ok(st) => st,

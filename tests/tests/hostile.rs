@@ -354,11 +354,14 @@ async fn hostile_shared_directory_cannot_reach_host_files() {
 }
 
 /// The task pid containerd sees is QEMU's, never a number the guest chose; ps shows QEMU and virtiofsd
-/// in their sandboxes.
+/// in their sandboxes. QEMU and every daemon (virtiofsd's sandboxed child too) run in one host cgroup,
+/// the spec's, whose memory limit covers guest memory, the shared tmpfs and the daemons, and the
+/// memory the guest touches is charged there; it goes with the VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
     let c = Containerd::start();
-    c.run_detached("p1", &[], COUNTER);
+    // memhog: 128 MiB of guest memory touched after boot, then a counter in /count.
+    c.run_detached("p1", &[], &["/bin/memhog", "128"]);
     wait_counter(&c.rootfs("p1").join("count"), 2, T).await;
     let ls = c.ctr_ok(&["task", "ls"]);
     let pid: u32 = ls.lines().find(|l| l.starts_with("p1 ")).and_then(|l| l.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{ls}"));
@@ -384,8 +387,30 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
             assert_ne!(theirs, ours, "virtiofsd {vpid} shares the host's mount namespace");
         }
     }
+    // Host accounting.
+    let cg = memory_cgroup(pid);
+    assert_eq!(cg.strip_prefix("/sys/fs/cgroup/memory"), Ok(Path::new(&format!("{}/p1", c.namespace))), "QEMU's memory cgroup is the spec's");
+    let daemons: Vec<_> = kata_rs_tests::processes_mentioning(&c.dir.join("kr/p1").display().to_string()).into_iter().filter(|(p, _)| *p != pid).collect();
+    assert!(daemons.iter().filter(|(_, cmd)| cmd.contains("virtiofsd")).count() >= 2, "virtiofsd and its sandboxed child: {daemons:?}");
+    assert!(daemons.iter().any(|(_, cmd)| cmd.contains("vhost-device-vsock")), "{daemons:?}");
+    for (dpid, cmd) in &daemons {
+        assert_eq!(memory_cgroup(*dpid), cg, "{dpid} {cmd} is in the VM's host cgroup");
+    }
+    let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap().trim().parse::<u64>().unwrap();
+    let mem = test_config().hypervisor.memory_mib as u64;
+    assert_eq!(read("memory.limit_in_bytes"), kata_rs_shim::cgroups::vm_memory_limit(mem, kata_rs_shim::sandbox::shared_dir_bytes(mem)));
+    let usage = read("memory.usage_in_bytes");
+    assert!(usage >= 128 << 20, "the guest's memhog pages are charged to the VM's cgroup: {usage} bytes");
     c.kill_and_remove("p1");
     c.assert_clean();
+    assert!(!cg.exists(), "{} is removed with the VM", cg.display());
+}
+
+/// The cgroup v1 memory-controller directory of a process (this machine kind mounts cgroup v1 there).
+fn memory_cgroup(pid: u32) -> PathBuf {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let rel = s.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap_or_else(|| panic!("no memory cgroup for {pid}: {s}"));
+    Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'))
 }
 
 fn rss_kib() -> u64 {
