@@ -216,8 +216,9 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn read_file_tail(&self, _ctx: &TtrpcContext, req: ReadFileTailRequest) -> ttrpc::Result<ReadFileTailResponse> {
+        let at = req.at_offset.then_some(req.offset);
         let (data, file_size) =
-            read_tail(Path::new(&req.path), req.max_bytes.min(MAX_TAIL)).map_err(|e| ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, e)))?;
+            read_tail(Path::new(&req.path), at, req.max_bytes.min(MAX_TAIL)).map_err(|e| ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, e)))?;
         Ok(ReadFileTailResponse { data, file_size, ..Default::default() })
     }
 }
@@ -231,8 +232,8 @@ impl AgentService {
     }
 }
 
-/// The last `max` bytes of a file under one of [`READABLE_ROOTS`].
-pub fn read_tail(path: &Path, max: u32) -> Result<(Vec<u8>, u64), String> {
+/// The last `max` bytes of a file under one of [`READABLE_ROOTS`], or at most `max` from `offset`.
+pub fn read_tail(path: &Path, offset: Option<u64>, max: u32) -> Result<(Vec<u8>, u64), String> {
     use std::io::{Read, Seek, SeekFrom};
     let canon = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
     if !READABLE_ROOTS.iter().any(|r| canon.starts_with(r)) {
@@ -240,9 +241,28 @@ pub fn read_tail(path: &Path, max: u32) -> Result<(Vec<u8>, u64), String> {
     }
     let mut f = std::fs::File::open(&canon).map_err(|e| format!("{}: {e}", canon.display()))?;
     let size = f.metadata().map_err(|e| e.to_string())?.len();
-    let start = size.saturating_sub(max as u64);
+    let start = offset.map_or(size.saturating_sub(max as u64), |o| o.min(size));
     f.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
-    let mut data = Vec::with_capacity((size - start) as usize);
+    let mut data = Vec::with_capacity((size - start).min(max as u64) as usize);
     f.take(max as u64).read_to_end(&mut data).map_err(|e| e.to_string())?;
     Ok((data, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_or_a_piece_at_an_offset() {
+        let dir = Path::new("/tmp/kata-rs").join(format!("read-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("log");
+        std::fs::write(&f, b"0123456789").unwrap();
+        assert_eq!(read_tail(&f, None, 4).unwrap(), (b"6789".to_vec(), 10));
+        assert_eq!(read_tail(&f, Some(2), 3).unwrap(), (b"234".to_vec(), 10));
+        assert_eq!(read_tail(&f, Some(8), 5).unwrap(), (b"89".to_vec(), 10));
+        assert_eq!(read_tail(&f, Some(50), 5).unwrap(), (Vec::new(), 10));
+        assert!(read_tail(Path::new("/etc/hostname"), None, 4).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

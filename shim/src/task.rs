@@ -1219,9 +1219,58 @@ fn max_image_bytes(guest_mem_mib: u64) -> u64 {
     (guest_mem_mib * 2 + 1024) << 20
 }
 
+/// Most of a guest log copied next to the bundle: its last 4 MiB.
+const GUEST_LOG_MAX: u64 = 4 << 20;
+/// One piece of it per call: a ttrpc frame is at most 4 MiB, framing included.
+const GUEST_LOG_PIECE: u32 = 1 << 20;
+
+/// The last `total` bytes of a guest file, read in pieces of at most `piece` bytes by `read(offset, max)`
+/// (`None`: the file's last `max` bytes), which answers the bytes and the file's size. The size is the
+/// guest's word: it only places the pieces; what comes back is bounded by `total` and by the number of
+/// calls, whatever the guest answers.
+async fn read_tail_in_pieces<F, Fut, E>(mut read: F, total: u64, piece: u32) -> Result<Vec<u8>, E>
+where
+    F: FnMut(Option<u64>, u32) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<u8>, u64), E>>,
+{
+    let (mut last, size) = read(None, piece).await?;
+    last.truncate(piece as usize);
+    if size <= last.len() as u64 || last.len() < piece as usize {
+        return Ok(last);
+    }
+    // The pieces before the last one, from where the last `total` bytes begin.
+    let end = size - last.len() as u64;
+    let mut at = size.saturating_sub(total);
+    let mut out = Vec::new();
+    for _ in 0..total.div_ceil(piece as u64) {
+        if at >= end {
+            break;
+        }
+        let want = (end - at).min(piece as u64) as u32;
+        let (mut data, _) = read(Some(at), want).await?;
+        data.truncate(want as usize);
+        if data.is_empty() {
+            break;
+        }
+        at += data.len() as u64;
+        out.extend_from_slice(&data);
+    }
+    out.extend_from_slice(&last);
+    let extra = out.len().saturating_sub(total as usize);
+    out.drain(..extra);
+    Ok(out)
+}
+
 /// Copies a guest log (CRIU's dump.log/restore.log) next to the bundle; returns its host path or why not.
 async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, name: &str) -> String {
-    match read_guest_file(agent, guest_path, 4 << 20).await {
+    let read = |offset: Option<u64>, max_bytes: u32| {
+        let r = ag::ReadFileTailRequest { path: guest_path.into(), max_bytes, at_offset: offset.is_some(), offset: offset.unwrap_or(0), ..Default::default() };
+        async move {
+            let a = agent.call("ReadFileTail", Duration::from_secs(30), |c, ctx| async move { c.read_file_tail(ctx, &r).await }).await?;
+            Ok::<_, agent_client::AgentError>((a.data, a.file_size))
+        }
+    };
+    match read_tail_in_pieces(read, GUEST_LOG_MAX, GUEST_LOG_PIECE).await {
         Ok(data) => {
             let host = bundle.join(format!("criu-{name}"));
             match std::fs::write(&host, &data) {
@@ -1570,5 +1619,37 @@ mod tests {
         assert!(e.contains("task c is Created") && e.contains("start it"), "{e}");
         assert!(checkpointable("c", PStatus::Created, true).unwrap_err().to_string().contains("not yet restored"));
         assert!(checkpointable("c", PStatus::Stopped, false).unwrap_err().to_string().contains("task c is Stopped"));
+    }
+
+    /// A fake guest file behind `read_tail_in_pieces`: honest, or a liar about sizes and lengths.
+    async fn pieces(file: &[u8], claimed: Option<u64>, pad: usize, total: u64, piece: u32) -> (Vec<u8>, usize) {
+        let calls = std::cell::Cell::new(0);
+        let read = |offset: Option<u64>, max: u32| {
+            calls.set(calls.get() + 1);
+            let size = file.len() as u64;
+            let start = offset.map_or(size.saturating_sub(max as u64), |o| o.min(size)) as usize;
+            let mut data = file[start..(start + max as usize).min(file.len())].to_vec();
+            data.extend(std::iter::repeat_n(b'!', pad));
+            async move { Ok::<_, ()>((data, claimed.unwrap_or(size))) }
+        };
+        let out = read_tail_in_pieces(read, total, piece).await.unwrap();
+        (out, calls.get())
+    }
+
+    #[tokio::test]
+    async fn a_large_guest_log_comes_in_pieces_bounded_whatever_the_guest_says() {
+        let file: Vec<u8> = (0..(5u32 << 20) + 3).map(|i| (i % 251) as u8).collect();
+        // Honest: the last 4 MiB, in 1 MiB pieces (the tail first, then the three before it).
+        let (out, calls) = pieces(&file, None, 0, 4 << 20, 1 << 20).await;
+        assert_eq!(out, file[file.len() - (4 << 20)..]);
+        assert_eq!(calls, 4);
+        // A small file: one call.
+        let (out, calls) = pieces(b"short log", None, 0, 4 << 20, 1 << 20).await;
+        assert_eq!((out.as_slice(), calls), (&b"short log"[..], 1));
+        // A guest claiming 1 TiB and padding every answer: still at most `total` bytes, and at most
+        // total/piece + 1 calls.
+        let (out, calls) = pieces(&file, Some(1 << 40), 4096, 4 << 20, 1 << 20).await;
+        assert!(out.len() <= 4 << 20, "{}", out.len());
+        assert!(calls <= 5, "{calls}");
     }
 }
