@@ -170,6 +170,8 @@ async fn bad_bundles_checkpoint_directories_and_images_get_one_clear_error() {
 
     // Images of another container: memhog's, into a rootfs without /bin/memhog.
     let b = bundle(&c, "other", Some(&spec));
+    // The /count memhog keeps open is there (as in memhog's image): only the executable is missing.
+    std::fs::copy(c.rootfs("m1").join("count"), b.join("rootfs/count")).unwrap();
     let e = create_and_start(&c, "x4", &b, &missing);
     eprintln!("restore into another container: {e}");
     assert!(e.contains("memhog") && e.contains("full CRIU log"), "{e}");
