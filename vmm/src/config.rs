@@ -82,6 +82,14 @@ pub struct VmConfig {
     /// resourcecontrol=deny`). Turning it off is unsafe: a guest that exploits QEMU then has every
     /// system call of a root process.
     pub seccomp_sandbox: bool,
+    /// Who vhost-device-vsock runs as: "per-vm" (a uid and gid of its own for each VM, from
+    /// `host_id_base .. host_id_base + host_id_count`: no capability, no host file, no other VM's
+    /// processes) or "root" (UNSAFE: a guest that exploits it has a root process on the host).
+    pub run_as: String,
+    /// First id of the per-VM range; pick a range no host user, file or user namespace uses.
+    pub host_id_base: u32,
+    /// Size of the per-VM range: the most VMs one host runs at once.
+    pub host_id_count: u32,
     /// virtiofsd's own sandbox: "namespace" (mount, pid and net namespaces, pivot_root into the shared
     /// directory) or "chroot" where namespaces are not available. There is no "none".
     pub virtiofsd_sandbox: String,
@@ -91,6 +99,9 @@ pub struct VmConfig {
     /// most interfaces one VM can take. 0 = no network interfaces.
     pub network_ports: u32,
 }
+
+/// 0x6b72_0000 ("kr"): above the ranges that useradd and /etc/subuid hand out by default.
+pub const DEFAULT_HOST_ID_BASE: u32 = 0x6b72_0000;
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -116,6 +127,9 @@ impl Default for VmConfig {
             shutdown_timeout_s: 5,
             seccomp_sandbox: true,
             virtiofsd_sandbox: "namespace".into(),
+            run_as: "per-vm".into(),
+            host_id_base: DEFAULT_HOST_ID_BASE,
+            host_id_count: 65536,
             console_log_max_kib: 1024,
         }
     }
@@ -154,6 +168,15 @@ impl VmConfig {
         }
         if !matches!(self.virtiofsd_sandbox.as_str(), "namespace" | "chroot") {
             return bad("virtiofsd_sandbox", format!("{:?} is not one of namespace, chroot (virtiofsd always runs sandboxed)", self.virtiofsd_sandbox));
+        }
+        if !matches!(self.run_as.as_str(), "per-vm" | "root") {
+            return bad("run_as", format!("{:?} is not one of per-vm, root", self.run_as));
+        }
+        if self.host_id_base < 65536 || self.host_id_count == 0 || self.host_id_base as u64 + self.host_id_count as u64 > u32::MAX as u64 {
+            return bad(
+                "host_id_base",
+                format!("{}..+{} must start at 65536 or above, hold at least one id and end below 2^32-1 (host_id_count)", self.host_id_base, self.host_id_count),
+            );
         }
         if self.network_ports > 16 {
             return bad("network_ports", format!("{} is above 16", self.network_ports));
@@ -204,6 +227,13 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("vcpus"));
         let c = VmConfig { virtiofsd_sandbox: "none".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("virtiofsd_sandbox"));
+        let c = VmConfig { run_as: "nobody".into(), ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("run_as"));
+        let c = VmConfig { host_id_base: 1000, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("host_id_base"));
+        let c = VmConfig { host_id_base: u32::MAX - 10, host_id_count: 11, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("host_id_count"));
+        VmConfig { run_as: "root".into(), ..Default::default() }.validate().unwrap();
     }
 
     #[test]

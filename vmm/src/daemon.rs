@@ -8,6 +8,8 @@ use std::{
 };
 
 use tokio::process::{Child, Command};
+
+use crate::hostid::HostId;
 use tracing::{debug, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,37 +66,58 @@ pub fn tail_of(path: &Path, max: usize) -> String {
 impl Daemon {
     /// Spawns `program args...` with stdout/stderr appended to `log`.
     pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Result<Daemon, DaemonError> {
-        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit)
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, None, &[])
     }
 
-    /// Like [`Daemon::spawn`], with the child in the network namespace `netns`, and inheriting
-    /// descriptor `keep` (its close-on-exec flag is cleared in the child only), e.g. QEMU's `vhostfd`.
-    pub fn spawn_in(name: &'static str, program: &Path, args: &[String], log: PathBuf, keep: Option<std::os::fd::RawFd>, netns: ChildNetns) -> Result<Daemon, DaemonError> {
+    /// Like [`Daemon::spawn`], as `user` (uid, gid, no supplementary group) from its first instruction.
+    pub fn spawn_as(name: &'static str, program: &Path, args: &[String], log: PathBuf, user: HostId) -> Result<Daemon, DaemonError> {
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, Some(user), &[])
+    }
+
+    /// Like [`Daemon::spawn`], with the child in the network namespace `netns`, inheriting descriptor
+    /// `keep` (its close-on-exec flag is cleared in the child only), e.g. QEMU's `vhostfd`, and as
+    /// `user` when given, with `groups` as its only supplementary groups. Every child runs with
+    /// no_new_privs: no exec can give it more than it has.
+    pub fn spawn_in(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+        keep: Option<std::os::fd::RawFd>,
+        netns: ChildNetns,
+        user: Option<HostId>,
+        groups: &[u32],
+    ) -> Result<Daemon, DaemonError> {
+        let groups: Vec<libc::gid_t> = groups.to_vec();
         let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
-        // SAFETY: prctl, fcntl, unshare and setns are async-signal-safe; nothing else runs between fork
-        // and exec.
+        // SAFETY: setgroups, setgid, setuid, prctl, fcntl, unshare and setns are async-signal-safe;
+        // nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                let check = |r: libc::c_int| if r != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+                // The namespace first: joining one needs root, which the user change below gives up.
+                check(match netns {
+                    ChildNetns::Inherit => 0,
+                    ChildNetns::New => libc::unshare(libc::CLONE_NEWNET),
+                    ChildNetns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),
+                })?;
+                if let Some(u) = user {
+                    check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                    check(libc::setgid(u.gid))?;
+                    check(libc::setuid(u.uid))?;
                 }
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                // After the user change, which clears the parent-death signal.
+                check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
                 if let Some(fd) = keep {
                     let flags = libc::fcntl(fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                }
-                let r = match netns {
-                    ChildNetns::Inherit => 0,
-                    ChildNetns::New => libc::unshare(libc::CLONE_NEWNET),
-                    ChildNetns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),
-                };
-                if r != 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });

@@ -5,6 +5,7 @@
 //! - [`accel`]: KVM when it really runs a guest, else TCG.
 //! - [`qmp`]: the QMP client (the `qapi` crate, async).
 //! - [`daemon`]: helper daemons (virtiofsd, vhost-device-vsock) and process reaping.
+//! - [`hostid`]: the uid and gid of each VM's vhost-device-vsock.
 //! - [`vm`]: the lifecycle: start, control, teardown.
 //! - [`watch`]: noticing a VM's end (QMP events, QEMU or a helper daemon exiting).
 
@@ -13,6 +14,7 @@ pub mod cmdline;
 pub mod config;
 pub mod console;
 pub mod daemon;
+pub mod hostid;
 pub mod qmp;
 pub mod vm;
 pub mod vsockcid;

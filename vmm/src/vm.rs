@@ -70,6 +70,14 @@ pub enum VmError {
         #[source]
         source: QmpError,
     },
+    #[error(transparent)]
+    HostId(#[from] crate::hostid::HostIdError),
+    #[error("socket directory {path} of QEMU or vhost-device-vsock: {source}")]
+    SocketDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing the VM state file {path}: {source}")]
     State {
         path: String,
@@ -115,6 +123,9 @@ pub struct VmState {
     pub pids: Vec<u32>,
     /// A string every recorded process has in its command line (the VM directory).
     pub marker: String,
+    /// The VM's host identity, given back by a cleanup after a dead owner.
+    #[serde(default)]
+    pub host_id: Option<crate::hostid::HostId>,
 }
 
 pub const STATE_FILE: &str = "vm.json";
@@ -132,6 +143,9 @@ pub struct Vm {
     /// QEMU's network namespace, pinned (none when QEMU shares the caller's).
     netns: Option<std::fs::File>,
     network_ports: u32,
+    /// vhost-device-vsock's uid and gid; last, so that it is given back after the processes
+    /// are killed when the VM is dropped.
+    host_id: Option<crate::hostid::Claim>,
 }
 
 fn check_socket_path(p: &Path) -> Result<(), VmError> {
@@ -166,13 +180,19 @@ impl Vm {
             std::fs::create_dir_all(d).map_err(|source| VmError::Dir { path: d.display().to_string(), source })?;
         }
         let dir = &spec.dir;
-        let qmp_socket = dir.join("qmp.sock");
-        let console_socket = dir.join("console.sock");
+        let qemu_sockets = dir.join("q");
+        let qmp_socket = qemu_sockets.join("qmp.sock");
+        let console_socket = qemu_sockets.join("console.sock");
         let console_log = dir.join("console.log");
         check_socket_path(&qmp_socket)?;
         check_socket_path(&console_socket)?;
+        let host_id = match c.run_as.as_str() {
+            "root" => None,
+            _ => Some(crate::hostid::claim(dir, c.host_id_base, c.host_id_count)?),
+        };
+        let user = host_id.as_ref().map(|h| h.id);
         let mut daemons = Vec::new();
-        let mut state = VmState { pids: vec![], marker: dir.display().to_string() };
+        let mut state = VmState { pids: vec![], marker: dir.display().to_string(), host_id: user };
         let state_path = dir.join(STATE_FILE);
         let save_state = |state: &VmState| {
             std::fs::write(&state_path, serde_json::to_vec(state).expect("serializable"))
@@ -197,27 +217,40 @@ impl Vm {
                 path: c.vhost_device_vsock_path.display().to_string(),
                 fix: "install it with 'make setup' (cargo install vhost-device-vsock) or set hypervisor.vhost_device_vsock_path",
             })?;
-            let socket = dir.join("vhu-vsock.sock");
-            let uds = dir.join("vsock.sock");
+            // Its sockets in a directory of their own: the daemon's while it makes them (it runs as the
+            // VM's user), root's again before the guest runs, so that nothing the daemon does later can
+            // replace the socket the host dials for the agent.
+            let sockets = dir.join("vs");
+            let socket = sockets.join("vhu.sock");
+            let uds = sockets.join("agent.sock");
             check_socket_path(&socket)?;
             check_socket_path(&uds)?;
-            let _ = std::fs::remove_file(&socket);
-            let _ = std::fs::remove_file(&uds);
+            let sock_dir = |uid: u32, gid: u32, mode: u32| socket_dir_owner(&sockets, uid, gid, mode);
+            fresh_dir(&sockets)?;
             let args = vec![
                 "--guest-cid=3".to_string(),
                 format!("--socket={}", socket.display()),
                 format!("--uds-path={}", uds.display()),
             ];
-            let mut d = Daemon::spawn("vhost-device-vsock", &program, &args, dir.join("vhost-device-vsock.log"))?;
+            let log = dir.join("vhost-device-vsock.log");
+            let mut d = match user {
+                Some(u) => {
+                    sock_dir(u.uid, u.gid, 0o700)?;
+                    Daemon::spawn_as("vhost-device-vsock", &program, &args, log, u)?
+                }
+                None => Daemon::spawn("vhost-device-vsock", &program, &args, log)?,
+            };
             state.pids.push(d.pid);
             save_state(&state)?;
             d.wait_for_socket(&socket, Duration::from_secs(5)).await?;
+            d.wait_for_socket(&uds, Duration::from_secs(5)).await?;
+            sock_dir(0, 0, 0o755)?;
             daemons.push(d);
             (VsockDevice::VhostUser { socket }, AgentChannel::Hybrid { uds })
         };
 
         // Shared filesystem.
-        let virtiofsd_socket = if c.shared_fs == SharedFs::VirtioFs {
+        let virtiofsd_socket: Option<PathBuf> = if c.shared_fs == SharedFs::VirtioFs {
             let program = resolve_program(&c.virtiofsd_path).ok_or_else(|| VmError::MissingFile {
                 what: "virtiofsd",
                 path: c.virtiofsd_path.display().to_string(),
@@ -237,8 +270,7 @@ impl Vm {
             None
         };
 
-        let _ = std::fs::remove_file(&qmp_socket);
-        let _ = std::fs::remove_file(&console_socket);
+        fresh_dir(&qemu_sockets)?;
         let args = QemuArgs {
             config: c,
             accel: spec.accel,
@@ -263,7 +295,10 @@ impl Vm {
             (Netns::Path(_), Some(f)) => ChildNetns::Join(std::os::fd::AsRawFd::as_raw_fd(f)),
             _ => ChildNetns::Inherit,
         };
-        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns)?;
+        // QEMU still runs as root: as the VM's user it could not open /dev/net/tun (0600 on hosts such
+        // as this machine kind) for the taps hot-plugged later; that needs the tap's descriptor passed
+        // over QMP. (QEMU's own -runas is no way out: the user change clears its parent-death signal.)
+        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns, None, &[])?;
         // A namespace of its own is pinned now, while QEMU (started paused) certainly lives in it.
         let netns_file = match spec.netns {
             Netns::New => {
@@ -283,7 +318,11 @@ impl Vm {
         state.pids.push(qemu.pid);
         save_state(&state)?;
         let limit = Duration::from_secs(c.qmp_timeout_s);
-        if let Err(e) = qemu.wait_for_socket(&qmp_socket, limit).await {
+        let mut waited = qemu.wait_for_socket(&qmp_socket, limit).await;
+        if waited.is_ok() {
+            waited = qemu.wait_for_socket(&console_socket, limit).await;
+        }
+        if let Err(e) = waited {
             let status = qemu.try_exited();
             let tail = tail_of(&qemu_log, 2000);
             let log = qemu_log.display().to_string();
@@ -327,6 +366,7 @@ impl Vm {
             accel: spec.accel,
             netns: netns_file,
             network_ports: c.network_ports,
+            host_id,
         })
     }
 
@@ -370,6 +410,11 @@ impl Vm {
     /// How many network interfaces can be hot-plugged (empty root ports).
     pub fn network_ports(&self) -> u32 {
         self.network_ports
+    }
+
+    /// vhost-device-vsock's uid and gid (`None`: it runs as root).
+    pub fn host_id(&self) -> Option<crate::hostid::HostId> {
+        self.host_id.as_ref().map(|c| c.id)
     }
 
     /// Hot-plugs a virtio-net device with `mac` backed by the tap `tap` (QEMU creates it in its
@@ -459,15 +504,35 @@ async fn teardown(qemu: Option<Daemon>, daemons: Vec<Daemon>, grace: Duration) {
     }
 }
 
+/// A new, empty directory at `d` (whatever was there before is removed).
+fn fresh_dir(d: &Path) -> Result<(), VmError> {
+    let _ = std::fs::remove_dir_all(d);
+    std::fs::create_dir(d).map_err(|source| VmError::SocketDir { path: d.display().to_string(), source })
+}
+
+fn socket_dir_owner(d: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| VmError::SocketDir { path: d.display().to_string(), source };
+    std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(err)?;
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
 /// Kills what a dead owner left behind in `dir` (from its state file). Returns the pids killed.
 pub fn cleanup_dir(dir: &Path) -> Vec<u32> {
     let path = dir.join(STATE_FILE);
     let Ok(text) = std::fs::read(&path) else { return vec![] };
     let Ok(state) = serde_json::from_slice::<VmState>(&text) else { return vec![] };
     let killed = kill_recorded(&state.pids, &state.marker);
+    if let Some(id) = state.host_id {
+        crate::hostid::release(dir, id);
+    }
     let _ = std::fs::remove_file(&path);
     killed
 }
+
+/// Capabilities virtiofsd keeps by default and a guest never needs through the share: device nodes
+/// (volumes are nodev anyway) and file capabilities (xattrs are off).
+pub const VIRTIOFSD_DROPPED_CAPS: &str = "-mknod:-setfcap";
 
 /// virtiofsd always runs in its own sandbox (`sandbox`: namespace or chroot) and with its seccomp filter.
 fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str, sandbox: &str) -> Vec<String> {
@@ -484,6 +549,7 @@ fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str, san
             format!("--cache={cache}"),
             format!("--sandbox={sandbox}"),
             "--seccomp=kill".into(),
+            format!("--modcaps={VIRTIOFSD_DROPPED_CAPS}"),
         ]
     } else {
         vec![
@@ -494,6 +560,8 @@ fn virtiofsd_args(program: &Path, socket: &Path, shared: &Path, cache: &str, san
             format!("cache={cache}"),
             "-o".into(),
             format!("sandbox={sandbox}"),
+            "-o".into(),
+            format!("modcaps={VIRTIOFSD_DROPPED_CAPS}"),
         ]
     }
 }
