@@ -29,6 +29,8 @@ pub struct BootParams {
 /// long after a checkpoint (restore) request arrives, so the guest kernel panics in the middle of it.
 /// `kata_rs.test_fault=ignore-signals:0`: the agent answers every SignalProcess with OK and signals
 /// nothing (a guest that will not let its processes die; WaitProcess then never answers).
+/// `kata_rs.test_fault=absurd-stats:0`: every number in the agent's StatsContainer answers is u64::MAX
+/// (a guest that lies about its containers' use).
 /// The fault tests use it to crash a guest at a known moment. Only the host sets the kernel command
 /// line (configuration.toml, `hypervisor.kernel_params`); nothing in the guest can turn it on.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +45,8 @@ pub enum FaultDuring {
     Restore,
     /// Not an exit: signals are answered and ignored.
     IgnoreSignals,
+    /// Not an exit: stats are answered with the largest numbers.
+    AbsurdStats,
 }
 
 impl TestFault {
@@ -52,6 +56,7 @@ impl TestFault {
             "agent-exit-in-checkpoint" => FaultDuring::Checkpoint,
             "agent-exit-in-restore" => FaultDuring::Restore,
             "ignore-signals" => FaultDuring::IgnoreSignals,
+            "absurd-stats" => FaultDuring::AbsurdStats,
             _ => return None,
         };
         Some(TestFault { during, after_ms: ms.parse().ok()? })
@@ -59,7 +64,7 @@ impl TestFault {
 
     /// If this fault is for `now`: exits the process `after_ms` from now (from another thread).
     pub fn arm(&self, now: FaultDuring) {
-        if self.during != now || now == FaultDuring::IgnoreSignals {
+        if self.during != now || matches!(now, FaultDuring::IgnoreSignals | FaultDuring::AbsurdStats) {
             return;
         }
         let ms = self.after_ms;
@@ -243,6 +248,7 @@ mod tests {
         assert_eq!((f.during, f.after_ms), (FaultDuring::Checkpoint, 1500));
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:0").test_fault.unwrap().during, FaultDuring::Restore);
         assert_eq!(BootParams::parse("kata_rs.test_fault=ignore-signals:0").test_fault.unwrap().during, FaultDuring::IgnoreSignals);
+        assert_eq!(BootParams::parse("kata_rs.test_fault=absurd-stats:0").test_fault.unwrap().during, FaultDuring::AbsurdStats);
         assert_eq!(BootParams::parse("kata_rs.test_fault=reboot:10").test_fault, None);
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:x").test_fault, None);
     }

@@ -145,7 +145,11 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn stats_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<StatsContainerResponse> {
-        let runc_stats = self.containers.stats(&req.container_id).await.map_err(status)?;
+        let mut runc_stats = self.containers.stats(&req.container_id).await.map_err(status)?;
+        if self.test_fault.as_ref().is_some_and(|f| f.during == crate::init::FaultDuring::AbsurdStats) {
+            tracing::warn!(id = req.container_id, "kata_rs.test_fault: the stats are answered with the largest numbers");
+            runc_stats = absurd(&runc_stats);
+        }
         Ok(StatsContainerResponse { runc_stats, ..Default::default() })
     }
 
@@ -265,4 +269,19 @@ mod tests {
         assert!(read_tail(Path::new("/etc/hostname"), None, 4).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// runc's stats JSON with every number replaced by u64::MAX (test fault `absurd-stats`).
+fn absurd(json: &[u8]) -> Vec<u8> {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Number(n) => *n = u64::MAX.into(),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            serde_json::Value::Object(o) => o.values_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(json) else { return json.to_vec() };
+    walk(&mut v);
+    serde_json::to_vec(&v).unwrap_or_else(|_| json.to_vec())
 }

@@ -203,6 +203,69 @@ impl HostCgroup {
     }
 }
 
+/// What the host itself measures of a VM's cgroup: the ceiling of every figure its guest reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostMeter {
+    /// The hierarchy directory with the memory controller, and whether it is cgroup v1's.
+    memory: Option<(PathBuf, bool)>,
+    /// The hierarchy directory with CPU accounting, and whether it is cgroup v1's (cpuacct).
+    cpu: Option<(PathBuf, bool)>,
+}
+
+/// One reading of a [`HostMeter`] (`None`: not measured here).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    /// Bytes charged to the VM's cgroup now (QEMU's guest memory and its own, the daemons').
+    pub memory_bytes: Option<u64>,
+    /// The cgroup's memory limit (what the shim set).
+    pub memory_limit: Option<u64>,
+    /// CPU time of every process of the VM, in microseconds.
+    pub cpu_usec: Option<u64>,
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(std::fs::File::open(p).ok()?, 4096), &mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+impl HostMeter {
+    /// Reads the VM's cgroup now (cgroup v1: memory.usage_in_bytes, memory.limit_in_bytes,
+    /// cpuacct.usage; v2: memory.current, memory.max, cpu.stat's usage_usec).
+    pub fn read(&self) -> HostUsage {
+        let mut u = HostUsage::default();
+        if let Some((d, v1)) = &self.memory {
+            let (cur, max) = if *v1 { ("memory.usage_in_bytes", "memory.limit_in_bytes") } else { ("memory.current", "memory.max") };
+            u.memory_bytes = read_u64(&d.join(cur));
+            u.memory_limit = read_u64(&d.join(max));
+        }
+        if let Some((d, v1)) = &self.cpu {
+            u.cpu_usec = if *v1 {
+                read_u64(&d.join("cpuacct.usage")).map(|ns| ns / 1000)
+            } else {
+                let mut s = String::new();
+                std::fs::File::open(d.join("cpu.stat")).ok().and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, 4096), &mut s).ok());
+                s.lines().find_map(|l| l.strip_prefix("usage_usec ")).and_then(|v| v.trim().parse().ok())
+            };
+        }
+        u
+    }
+}
+
+impl HostCgroup {
+    /// The meter of this cgroup: the leaves that hold the memory and CPU accounting files.
+    pub fn meter(&self) -> HostMeter {
+        // cgroup v1's file in any hierarchy first: v1's cpu controller has a cpu.stat too, without
+        // usage_usec; only a v2 (unified) leaf is read for v2's file.
+        let find = |v1_file: &str, v2_file: &str| {
+            let v2_leaf = |d: &&PathBuf| d.join("cgroup.controllers").exists() && d.join(v2_file).exists();
+            (self.leaves.iter().find(|d| d.join(v1_file).exists()).map(|d| (d.clone(), true)))
+                .or_else(|| self.leaves.iter().find(v2_leaf).map(|d| (d.clone(), false)))
+        };
+        HostMeter { memory: find("memory.usage_in_bytes", "memory.current"), cpu: find("cpuacct.usage", "cpu.stat") }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +283,31 @@ mod tests {
             PathBuf::from("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-abc.scope")
         );
         assert_eq!(relative_path("-.slice:p:n").unwrap(), PathBuf::from("p-n.scope"));
+    }
+
+    #[test]
+    fn a_meter_reads_cgroup_v1_and_v2_files() {
+        let d = std::env::temp_dir().join(format!("kata-rs-meter-{}", std::process::id()));
+        let (v1, v2) = (d.join("v1"), d.join("v2"));
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v1.join("memory.usage_in_bytes"), "1048576\n").unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), "4194304\n").unwrap();
+        std::fs::write(v1.join("cpuacct.usage"), "2500000\n").unwrap();
+        std::fs::write(v2.join("memory.current"), "8192\n").unwrap();
+        std::fs::write(v2.join("memory.max"), "max\n").unwrap();
+        std::fs::write(v2.join("cpu.stat"), "usage_usec 777\nuser_usec 700\n").unwrap();
+        std::fs::write(v2.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        // A v1 cpu hierarchy (its cpu.stat has no usage_usec) before the cpuacct one: cpuacct is read.
+        let cpu_v1 = d.join("cpu");
+        std::fs::create_dir_all(&cpu_v1).unwrap();
+        std::fs::write(cpu_v1.join("cpu.stat"), "nr_periods 0\n").unwrap();
+        let cg = HostCgroup { leaves: vec![cpu_v1.clone(), v1.clone()], created: vec![] };
+        assert_eq!(cg.meter().read(), HostUsage { memory_bytes: Some(1 << 20), memory_limit: Some(4 << 20), cpu_usec: Some(2500) });
+        let cg = HostCgroup { leaves: vec![v2.clone()], created: vec![] };
+        assert_eq!(cg.meter().read(), HostUsage { memory_bytes: Some(8192), memory_limit: None, cpu_usec: Some(777) });
+        assert_eq!(HostMeter::default().read(), HostUsage::default());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! `runc events --stats` JSON (from the guest) to containerd's cgroup v2 `Metrics`.
+//! `runc events --stats` JSON (from the guest) to containerd's cgroup v2 `Metrics`, bounded by what the
+//! host measures of the VM ([`bound_by_host`]): the guest chooses its numbers, the host's cgroup does not
+//! lie.
 use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
 use serde_json::Value;
 
@@ -57,6 +59,55 @@ pub fn from_runc_stats(json: &[u8]) -> Result<Metrics, String> {
     Ok(m)
 }
 
+/// Linux's PID_MAX_LIMIT: no guest has more processes than this.
+pub const PIDS_MAX: u64 = 4 << 20;
+
+/// Bounds what the guest reported by what the host measured of the whole VM (its host cgroup): a
+/// container's memory and CPU time are at most the VM's, each part of its memory at most its usage,
+/// user and system time at most its CPU time, throttled periods at most its periods, and process counts
+/// at most Linux's limit. An honest guest's figures are below these bounds and pass unchanged. Figures
+/// the host cannot measure (page fault counts) are the guest's.
+pub fn bound_by_host(m: &mut Metrics, host: &crate::cgroups::HostUsage) {
+    if let Some(mem) = m.memory.as_mut() {
+        let ceiling = host.memory_bytes.unwrap_or(u64::MAX);
+        let limit = host.memory_limit.unwrap_or(u64::MAX);
+        mem.usage = mem.usage.min(ceiling);
+        mem.usage_limit = mem.usage_limit.min(limit);
+        mem.max_usage = mem.max_usage.min(limit);
+        mem.swap_usage = mem.swap_usage.min(mem.usage);
+        mem.swap_limit = mem.swap_limit.min(limit);
+        let usage = mem.usage;
+        for part in [
+            &mut mem.anon,
+            &mut mem.file,
+            &mut mem.kernel_stack,
+            &mut mem.slab,
+            &mut mem.sock,
+            &mut mem.shmem,
+            &mut mem.file_mapped,
+            &mut mem.file_dirty,
+            &mut mem.file_writeback,
+            &mut mem.inactive_anon,
+            &mut mem.active_anon,
+            &mut mem.inactive_file,
+            &mut mem.active_file,
+            &mut mem.unevictable,
+        ] {
+            *part = (*part).min(usage);
+        }
+    }
+    if let Some(cpu) = m.cpu.as_mut() {
+        cpu.usage_usec = cpu.usage_usec.min(host.cpu_usec.unwrap_or(u64::MAX));
+        cpu.user_usec = cpu.user_usec.min(cpu.usage_usec);
+        cpu.system_usec = cpu.system_usec.min(cpu.usage_usec);
+        cpu.nr_throttled = cpu.nr_throttled.min(cpu.nr_periods);
+    }
+    if let Some(p) = m.pids.as_mut() {
+        p.current = p.current.min(PIDS_MAX);
+        p.limit = p.limit.min(PIDS_MAX);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +132,32 @@ mod tests {
     fn rejects_non_stats() {
         assert!(from_runc_stats(b"not json").is_err());
         assert!(from_runc_stats(b"{}").is_err());
+    }
+
+    #[test]
+    fn a_lying_guests_figures_are_bounded_by_the_hosts_and_an_honest_ones_pass() {
+        let host = crate::cgroups::HostUsage { memory_bytes: Some(300 << 20), memory_limit: Some(4 << 30), cpu_usec: Some(9_000_000) };
+        let max = u64::MAX;
+        let lie = format!(
+            r#"{{"data":{{"cpu":{{"usage":{{"total":{max},"user":{max},"kernel":{max}}},"throttling":{{"periods":5,"throttledPeriods":{max},"throttledTime":1}}}},
+            "memory":{{"usage":{{"limit":{max},"usage":{max},"max":{max}}},"swap":{{"usage":{max},"limit":{max}}},"raw":{{"anon":{max},"file":{max},"unevictable":{max}}}}},
+            "pids":{{"current":{max},"limit":{max}}}}}}}"#
+        );
+        let mut m = from_runc_stats(lie.as_bytes()).unwrap();
+        bound_by_host(&mut m, &host);
+        assert_eq!((m.memory.usage, m.memory.usage_limit, m.memory.max_usage), (300 << 20, 4 << 30, 4 << 30));
+        assert_eq!((m.memory.anon, m.memory.file, m.memory.unevictable, m.memory.swap_usage), (300 << 20, 300 << 20, 300 << 20, 300 << 20));
+        assert_eq!((m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec, m.cpu.nr_throttled), (9_000_000, 9_000_000, 9_000_000, 5));
+        assert_eq!((m.pids.current, m.pids.limit), (PIDS_MAX, PIDS_MAX));
+        let honest = br#"{"data":{"cpu":{"usage":{"total":5000000,"user":3000000,"kernel":2000000}},"memory":{"usage":{"limit":1073741824,"usage":1048576,"max":2097152},"raw":{"anon":4096}},"pids":{"current":3}}}"#;
+        let before = from_runc_stats(honest).unwrap();
+        let mut after = before.clone();
+        bound_by_host(&mut after, &host);
+        assert_eq!(before, after);
+        // Nothing measured on the host: only the guest's own consistency and the pid limit apply.
+        let mut m = from_runc_stats(lie.as_bytes()).unwrap();
+        bound_by_host(&mut m, &crate::cgroups::HostUsage::default());
+        assert_eq!(m.memory.usage, max);
+        assert_eq!(m.pids.current, PIDS_MAX);
     }
 }

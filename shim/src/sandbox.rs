@@ -267,6 +267,11 @@ impl Sandbox {
         self.end(None, true).await
     }
 
+    /// What the host measures of this VM (its host cgroup; nothing when it has none).
+    pub fn meter(&self) -> crate::cgroups::HostMeter {
+        self.host_cgroup.as_ref().map(|c| c.meter()).unwrap_or_default()
+    }
+
     async fn end(self, mounts: Option<&crate::mounts::ContainerMounts>, kill: bool) {
         // A stop the host asked for is not a VM that died.
         self.watcher.abort();

@@ -231,6 +231,8 @@ struct TaskState {
     /// Why the VM is gone, once it is (the watcher saw QEMU exit, a panic, a shutdown or a reset).
     vm_gone: Option<String>,
     guest_mem_mib: u64,
+    /// The VM's host cgroup, read to bound the guest's stats.
+    meter: crate::cgroups::HostMeter,
     /// The spec's OCI hooks (run on the host), and the spec parts their state needs.
     hooks: hooks::Hooks,
     hook_spec: serde_json::Value,
@@ -542,7 +544,7 @@ impl TaskService {
             network,
             guest_mem_mib: mem,
         };
-        let st = match self.create_in_vm(req, c, agent.clone(), shared, qemu_pid, mem, mounts).await {
+        let mut st = match self.create_in_vm(req, c, agent.clone(), shared, qemu_pid, mem, mounts).await {
             Ok(st) => st,
             Err((e, mounts)) => {
                 warn!(id = %req.id, error = %e, console_tail = %vm.sandbox.vm.console_tail(4000), "create failed; the guest console's end follows");
@@ -550,6 +552,7 @@ impl TaskService {
                 return Err(e);
             }
         };
+        st.meter = vm.sandbox.meter();
         // Interfaces already in the namespace (CRI's pod network, a createRuntime hook's) reach the
         // container now; later ones (ctr run --cni) at Start.
         let mut vm = vm;
@@ -563,15 +566,15 @@ impl TaskService {
     /// One of a pod's containers, in the VM its sandbox container booted: mounts made in the running
     /// VM's shared directory (through pinned descriptors: the guest writes there), then the container.
     async fn create_in_pod(&self, req: &CreateTaskRequest, c: Parsed) -> ttrpc::Result<TaskState> {
-        let (agent, shared, host_pid, mem) = {
+        let (agent, shared, host_pid, mem, meter) = {
             let g = self.state.lock().await;
             let vm = g.vm.as_ref().ok_or_else(|| TaskError::precondition(format!("container {}: its pod's VM is gone", req.id)))?;
-            (vm.sandbox.agent.clone(), vm.sandbox.shared.clone(), vm.sandbox.vm.qemu_pid(), vm.guest_mem_mib)
+            (vm.sandbox.agent.clone(), vm.sandbox.shared.clone(), vm.sandbox.vm.qemu_pid(), vm.guest_mem_mib, vm.sandbox.meter())
         };
         let mounts = mounts::ContainerMounts::setup(&c.bundle, &req.rootfs, &c.adapted.volumes, &shared, &req.id).map_err(mount_err)?;
         let shared2 = shared.clone();
         match self.create_in_vm(req, c, agent, shared, host_pid, mem, mounts).await {
-            Ok(st) => Ok(st),
+            Ok(st) => Ok(TaskState { meter, ..st }),
             Err((e, mut mounts)) => {
                 mounts.teardown_in_running_vm(&shared2);
                 Err(e)
@@ -673,6 +676,7 @@ impl TaskService {
             checkpointing: false,
             vm_gone: None,
             guest_mem_mib,
+            meter: Default::default(),
             hooks: c.hooks,
             hook_spec: c.hook_spec,
         })
@@ -1056,11 +1060,18 @@ impl Task for TaskService {
         Ok(PidsResponse { processes, ..Default::default() })
     }
 
+    /// The guest's figures of the container, bounded by what the host measures of the whole VM (its
+    /// host cgroup, read after the guest answered): `metrics::bound_by_host`.
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        let (agent, cid) = self.agent_of(&req.id).await?;
+        let (agent, cid, meter) = {
+            let g = self.state.lock().await;
+            let st = g.tasks.get(&req.id).ok_or_else(|| self.no_task(&req.id))?;
+            (st.agent.clone(), st.id.clone(), st.meter.clone())
+        };
         let r = ag::ContainerRequest { container_id: cid, ..Default::default() };
         let raw = agent.call_default("StatsContainer", |c, ctx| async move { c.stats_container(ctx, &r).await }).await.map_err(agent_err)?;
-        let m = crate::metrics::from_runc_stats(&raw.runc_stats).map_err(|e| TaskError::internal(e))?;
+        let mut m = crate::metrics::from_runc_stats(&raw.runc_stats).map_err(|e| TaskError::internal(e))?;
+        crate::metrics::bound_by_host(&mut m, &meter.read());
         let any = convert_to_any(Box::new(m)).map_err(|e| TaskError::internal(e.to_string()))?;
         Ok(StatsResponse { stats: Some(any).into(), ..Default::default() })
     }
@@ -1262,6 +1273,20 @@ where
 }
 
 /// Copies a guest log (CRIU's dump.log/restore.log) next to the bundle; returns its host path or why not.
+/// The most checkpoints whose CRIU log and report stay in the bundle (each log up to
+/// `GUEST_LOG_MAX`): a container checkpointed without end fills no disk.
+pub const KEPT_DUMP_FILES: u32 = 8;
+
+/// Removes the log and report of checkpoint `n - KEPT_DUMP_FILES` from the bundle (a host directory),
+/// once checkpoint `n` has its own: the last `KEPT_DUMP_FILES` stay.
+fn rotate_dump_files(bundle: &Path, n: u32) {
+    if let Some(old) = n.checked_sub(KEPT_DUMP_FILES) {
+        for name in [format!("criu-dump-{old}.log"), format!("criu-dump-{old}.stats.json")] {
+            let _ = std::fs::remove_file(bundle.join(name));
+        }
+    }
+}
+
 async fn fetch_guest_log(agent: &AgentClient, guest_path: &str, bundle: &Path, name: &str) -> String {
     let read = |offset: Option<u64>, max_bytes: u32| {
         let r = ag::ReadFileTailRequest { path: guest_path.into(), max_bytes, at_offset: offset.is_some(), offset: offset.unwrap_or(0), ..Default::default() };
@@ -1496,6 +1521,7 @@ impl TaskService {
         let result =
             agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
         let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
+        rotate_dump_files(&bundle, n);
         let outcome = match result {
             Err(e) => {
                 staging.remove();
