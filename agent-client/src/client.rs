@@ -48,9 +48,16 @@ impl AgentError {
 }
 
 /// Host-side handle to the guest agent. Cheap to clone: clones share one connection.
+///
+/// A call that times out leaves an entry in the ttrpc client's table of calls in flight (the client
+/// removes one only when its answer arrives, which a guest need never send). So after a timeout the next
+/// call first replaces the shared connection with a new one; calls still running on the old one keep
+/// it until they end, and then it is closed, with its table.
 #[derive(Clone)]
 pub struct AgentClient {
-    inner: agent_ttrpc::AgentClient,
+    inner: std::sync::Arc<std::sync::Mutex<agent_ttrpc::AgentClient>>,
+    /// A call timed out on the current connection: the next call connects again first.
+    stale: std::sync::Arc<std::sync::atomic::AtomicBool>,
     transport: Transport,
     /// Default deadline of one call.
     pub rpc_timeout: Duration,
@@ -69,12 +76,7 @@ impl AgentClient {
             let left = total.saturating_sub(start.elapsed());
             match transport.connect_once(left.min(Duration::from_secs(2))).await {
                 Ok(socket) => {
-                    let client = AgentClient {
-                        inner: agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket)),
-                        transport: transport.clone(),
-                        rpc_timeout,
-                        gone: None,
-                    };
+                    let client = AgentClient::over(socket, transport.clone(), rpc_timeout);
                     // Once connected, the first answer may take a while on a slow (TCG) guest: give it
                     // its own bound rather than what is left of this round.
                     let probe = left.max(Duration::from_secs(10));
@@ -96,6 +98,37 @@ impl AgentClient {
         Err(AgentError::ConnectTimeout { addr: transport.to_string(), waited: start.elapsed(), last })
     }
 
+    fn over(socket: ttrpc::r#async::transport::Socket, transport: Transport, rpc_timeout: Duration) -> Self {
+        AgentClient {
+            inner: std::sync::Arc::new(std::sync::Mutex::new(agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket)))),
+            stale: Default::default(),
+            transport,
+            rpc_timeout,
+            gone: None,
+        }
+    }
+
+    /// The connection a call runs on: a new one when a call timed out on the current one (if that
+    /// connect fails, the current one, and the next call tries again).
+    async fn connection(&self, timeout: Duration) -> agent_ttrpc::AgentClient {
+        use std::sync::atomic::Ordering;
+        if self.stale.swap(false, Ordering::SeqCst) {
+            match self.transport.connect_once(timeout.min(Duration::from_secs(2))).await {
+                Ok(socket) => {
+                    debug!(transport = %self.transport, "a new agent connection after a timed-out call");
+                    let fresh = agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(socket));
+                    *self.inner.lock().unwrap() = fresh.clone();
+                    return fresh;
+                }
+                Err(e) => {
+                    debug!(error = %e, "no new agent connection; the current one is used");
+                    self.stale.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        self.inner.lock().unwrap().clone()
+    }
+
     /// This client, failing every call at once (and every call in flight) when `gone` holds a reason.
     pub fn with_vm_watch(mut self, gone: tokio::sync::watch::Receiver<Option<String>>) -> Self {
         self.gone = Some(gone);
@@ -106,10 +139,6 @@ impl AgentClient {
         &self.transport
     }
 
-    /// The generated client, for calls that need no wrapper.
-    pub fn raw(&self) -> &agent_ttrpc::AgentClient {
-        &self.inner
-    }
 
     /// Runs one call with a deadline; maps ttrpc errors to [`AgentError`] naming the method.
     ///
@@ -123,7 +152,11 @@ impl AgentClient {
         // A little slack so the guest's own timeout error (with its message) wins the race.
         let outer = timeout + Duration::from_secs(2);
         let started = std::time::Instant::now();
-        let call = tokio::time::timeout(outer, f(self.inner.clone(), ctx));
+        if let Some(reason) = self.gone.as_ref().and_then(|g| g.borrow().clone()) {
+            return Err(AgentError::VmGone { method, reason });
+        }
+        let conn = self.connection(timeout).await;
+        let call = tokio::time::timeout(outer, f(conn, ctx));
         let result = match self.gone.clone() {
             None => call.await,
             Some(mut gone) => {
@@ -143,10 +176,16 @@ impl AgentClient {
         let failure = match result {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s))) => return Err(AgentError::Rpc { method, code: s.code(), message: bounded_text(s.message()) }),
-            Err(_) => AgentError::Timeout { method, timeout },
+            Err(_) => {
+                self.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+                AgentError::Timeout { method, timeout }
+            }
             // The ttrpc client's own deadline (the context's) ends the call with an untyped error: one
             // that came at or after the deadline is the deadline.
-            Ok(Err(_)) if started.elapsed() >= timeout => AgentError::Timeout { method, timeout },
+            Ok(Err(_)) if started.elapsed() >= timeout => {
+                self.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+                AgentError::Timeout { method, timeout }
+            }
             Ok(Err(e)) => AgentError::Call { method, message: bounded_text(&e.to_string()) },
         };
         // A dead VM often shows first as a closed stream ("early eof"): when the VM watcher confirms it
@@ -207,6 +246,57 @@ pub fn bounded_text(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake guest that accepts hybrid-vsock connections and reads requests without ever answering;
+    /// it reports each connection's end (the host closed it).
+    async fn silent_guest(path: std::path::PathBuf) -> (tokio::sync::mpsc::UnboundedReceiver<usize>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let closed = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut line = [0u8; 13];
+                    s.read_exact(&mut line).await.unwrap();
+                    assert_eq!(&line, b"CONNECT 1024\n");
+                    s.write_all(b"OK 1\n").await.unwrap();
+                    let mut buf = vec![0u8; 4096];
+                    while s.read(&mut buf).await.map(|r| r > 0).unwrap_or(false) {}
+                    let _ = closed.send(n);
+                });
+            }
+        });
+        (closed_rx, accepted)
+    }
+
+    #[tokio::test]
+    async fn after_a_timed_out_call_the_next_runs_on_a_new_connection_and_the_old_one_is_closed() {
+        let dir = std::env::temp_dir().join(format!("agent-client-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hv.sock");
+        let (mut closed, accepted) = silent_guest(path.clone()).await;
+        let transport = Transport::Hybrid { uds: path, port: 1024 };
+        let socket = transport.connect_once(Duration::from_secs(2)).await.unwrap();
+        let client = AgentClient::over(socket, transport, Duration::from_millis(100));
+        let check = |c: agent_ttrpc::AgentClient, ctx| async move { c.check(ctx, &CheckRequest::new()).await };
+        let e = client.call("Check", Duration::from_millis(100), check).await.unwrap_err();
+        assert!(matches!(e, AgentError::Timeout { .. }), "{e}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The next call connects again, and the connection holding the stale call is closed.
+        let clone = client.clone();
+        let e = clone.call("Check", Duration::from_millis(100), check).await.unwrap_err();
+        assert!(matches!(e, AgentError::Timeout { .. }), "{e}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let first = tokio::time::timeout(Duration::from_secs(5), closed.recv()).await.expect("the first connection is closed").unwrap();
+        assert_eq!(first, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn guest_text_is_bounded_and_escaped() {

@@ -42,31 +42,63 @@ pub async fn forward_output(agent: AgentClient, cid: String, exec_id: String, ur
             None
         }
     };
-    loop {
-        let req = ReadStreamRequest { container_id: cid.clone(), exec_id: exec_id.clone(), max_len: 128 * 1024, ..Default::default() };
-        let r = if stderr {
-            agent.call("ReadStderr", LONG, |c, ctx| async move { c.read_stderr(ctx, &req).await }).await
-        } else {
-            agent.call("ReadStdout", LONG, |c, ctx| async move { c.read_stdout(ctx, &req).await }).await
-        };
-        match r {
-            Ok(r) if r.eof => break,
-            Ok(r) => {
-                if let Some(f) = out.as_mut() {
-                    if let Err(e) = f.write_all(&r.data).await {
-                        debug!(error = %e, "stdio reader went away; output is dropped from now on");
-                        out = None;
-                    }
-                }
-            }
-            Err(e) => {
-                debug!(cid, exec_id, stderr, error = %e, "guest stream ended");
-                break;
-            }
+    let read = |max_len: u32| {
+        let req = ReadStreamRequest { container_id: cid.clone(), exec_id: exec_id.clone(), max_len, ..Default::default() };
+        let agent = agent.clone();
+        async move {
+            let r = if stderr {
+                agent.call("ReadStderr", LONG, |c, ctx| async move { c.read_stderr(ctx, &req).await }).await
+            } else {
+                agent.call("ReadStdout", LONG, |c, ctx| async move { c.read_stdout(ctx, &req).await }).await
+            };
+            r.map(|r| (r.data, r.eof))
         }
+    };
+    if let Err(e) = pump(read, &mut out).await {
+        debug!(cid, exec_id, stderr, error = %e, "guest stream ended");
     }
     if let Some(mut f) = out {
         let _ = f.flush().await;
+    }
+}
+
+/// Most bytes asked for in one read of guest output.
+const READ_MAX: u32 = 128 * 1024;
+/// Waits after an empty answer that is not the end (an honest agent's read blocks until data comes):
+/// doubling from the first to the last, reset by data.
+const IDLE_FIRST: Duration = Duration::from_millis(10);
+const IDLE_MAX: Duration = Duration::from_secs(1);
+
+/// The output loop: `read(max)` is one guest read (data, eof). The guest's answers are bounded: at most
+/// `READ_MAX` bytes of each are used, and empty answers that are not the end are spaced out, so a guest
+/// answering at once with nothing costs the host no busy loop. Returns at EOF or a failed read; a sink
+/// that fails is dropped and the rest is read and discarded.
+async fn pump<F, Fut, E, W>(mut read: F, out: &mut Option<W>) -> Result<(), E>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<u8>, bool), E>>,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut idle = IDLE_FIRST;
+    loop {
+        let (mut data, eof) = read(READ_MAX).await?;
+        data.truncate(READ_MAX as usize);
+        if !data.is_empty() {
+            idle = IDLE_FIRST;
+            if let Some(f) = out.as_mut() {
+                if let Err(e) = f.write_all(&data).await {
+                    debug!(error = %e, "stdio reader went away; output is dropped from now on");
+                    *out = None;
+                }
+            }
+        }
+        if eof {
+            return Ok(());
+        }
+        if data.is_empty() {
+            tokio::time::sleep(idle).await;
+            idle = (idle * 2).min(IDLE_MAX);
+        }
     }
 }
 
@@ -107,6 +139,45 @@ fn is_fifo(p: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake guest stream: answers `script` in order, then `rest` for ever.
+    async fn run(script: Vec<(Vec<u8>, bool)>, rest: (Vec<u8>, bool), for_at_most: Duration) -> (Vec<u8>, usize, bool) {
+        let calls = std::cell::Cell::new(0usize);
+        let script = std::cell::RefCell::new(script.into_iter());
+        let read = |max: u32| {
+            calls.set(calls.get() + 1);
+            assert_eq!(max, READ_MAX);
+            let next = script.borrow_mut().next().unwrap_or_else(|| rest.clone());
+            async move { Ok::<_, ()>(next) }
+        };
+        let mut out: Option<Vec<u8>> = Some(Vec::new());
+        let ended = tokio::time::timeout(for_at_most, pump(read, &mut out)).await.is_ok();
+        (out.unwrap(), calls.get(), ended)
+    }
+
+    #[tokio::test]
+    async fn output_is_forwarded_until_eof_and_bounded_per_answer() {
+        let (out, calls, ended) = run(vec![(b"a".to_vec(), false), (b"b".to_vec(), true)], (vec![], true), Duration::from_secs(5)).await;
+        assert_eq!((out.as_slice(), calls, ended), (&b"ab"[..], 2, true));
+        // An answer longer than asked for: only what was asked for is used.
+        let big = vec![b'x'; READ_MAX as usize + 4096];
+        let (out, _, ended) = run(vec![(big, false)], (vec![], true), Duration::from_secs(5)).await;
+        assert_eq!((out.len(), ended), (READ_MAX as usize, true));
+    }
+
+    #[tokio::test]
+    async fn a_guest_answering_nothing_at_once_costs_no_busy_loop() {
+        // Empty answers that are not the end, for ever: in 400 ms, the waits (10, 20, 40, 80, 160 ms...)
+        // allow about six reads; a busy loop would make hundreds of thousands.
+        let (out, calls, ended) = run(vec![], (vec![], false), Duration::from_millis(400)).await;
+        assert!(out.is_empty() && !ended);
+        assert!(calls <= 7, "{calls} reads in 400 ms");
+        // Data resets the wait: output still flows at once after idle answers.
+        let mut script = vec![(vec![], false); 3];
+        script.push((b"late".to_vec(), true));
+        let (out, calls, ended) = run(script, (vec![], true), Duration::from_secs(5)).await;
+        assert_eq!((out.as_slice(), calls, ended), (&b"late"[..], 4, true));
+    }
 
     #[test]
     fn uris() {
