@@ -369,8 +369,8 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
     assert!(exe.to_string_lossy().contains("qemu-system"), "task pid {pid} is {}", exe.display());
     let cmdline = String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).unwrap().replace('\0', " ");
     assert!(cmdline.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"), "{cmdline}");
-    let seccomp = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(seccomp.lines().any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')), "QEMU runs with a seccomp filter: {seccomp}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(field(&status, "Seccomp"), "2", "QEMU runs with a seccomp filter: {status}");
     // An exec's pid is QEMU's too.
     c.ctr_ok(&["task", "exec", "-d", "--exec-id", "e1", "p1", "sleep", "30"]);
     let ps = c.ctr_ok(&["task", "ps", "p1"]);
@@ -393,6 +393,44 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
     let daemons: Vec<_> = kata_rs_tests::processes_mentioning(&c.dir.join("kr/p1").display().to_string()).into_iter().filter(|(p, _)| *p != pid).collect();
     assert!(daemons.iter().filter(|(_, cmd)| cmd.contains("virtiofsd")).count() >= 2, "virtiofsd and its sandboxed child: {daemons:?}");
     assert!(daemons.iter().any(|(_, cmd)| cmd.contains("vhost-device-vsock")), "{daemons:?}");
+    // vhost-device-vsock runs as the VM's user too; the socket the host dials for the agent is in a
+    // directory that user cannot change.
+    let (vpid, _) = daemons.iter().find(|(_, cmd)| cmd.contains("vhost-device-vsock")).unwrap();
+    let vpid = *vpid;
+    let uid = own_user(&std::fs::read_to_string(format!("/proc/{vpid}/status")).unwrap(), "vhost-device-vsock");
+    let socks = std::fs::metadata(c.dir.join("kr/p1/vs")).unwrap();
+    assert_eq!((socks.uid(), socks.mode() & 0o7777), (0, 0o755), "the socket directory is root's again");
+    assert_eq!(std::fs::metadata(c.dir.join("kr/p1/vs/agent.sock")).unwrap().uid(), uid);
+    // virtiofsd (root, in its namespace sandbox) serves the guest without mknod and setfcap.
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let served: Vec<_> = daemons.iter().filter(|(p, cmd)| cmd.contains("virtiofsd") && std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap() != ours).collect();
+    assert!(!served.is_empty(), "virtiofsd's sandboxed process: {daemons:?}");
+    for (p, _) in served {
+        let caps = u64::from_str_radix(&field(&std::fs::read_to_string(format!("/proc/{p}/status")).unwrap(), "CapEff"), 16).unwrap();
+        assert_eq!(caps & (1 << 27 | 1 << 31), 0, "virtiofsd {p} keeps CAP_MKNOD or CAP_SETFCAP: {caps:x}");
+    }
+    // A second VM's vhost-device-vsock gets another uid; acting as the first one (its uid, no
+    // capability), a process can neither signal the second nor write a root-owned host file.
+    c.run_detached("p2", &[], &["sleep", "100000"]);
+    let (pid2, _) = kata_rs_tests::processes_mentioning(&c.dir.join("kr/p2").display().to_string()).into_iter().find(|(_, cmd)| cmd.contains("vhost-device-vsock")).unwrap();
+    let uid2 = own_user(&std::fs::read_to_string(format!("/proc/{pid2}/status")).unwrap(), "the second vhost-device-vsock");
+    assert_ne!(uid, uid2, "two VMs, one uid");
+    let canary = c.dir.join("root-canary");
+    std::fs::write(&canary, "root's\n").unwrap();
+    let as_qemu = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid", &uid.to_string(), "--regid", &uid.to_string(), "--clear-groups", "--inh-caps=-all", "sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    let o = as_qemu(&format!("kill -0 {pid2}"));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).to_lowercase().contains("not permitted"), "{o:?}");
+    let o = as_qemu(&format!("kill -0 {vpid}"));
+    assert!(o.status.success(), "the check itself works: the first daemon is its own uid's: {o:?}");
+    let o = as_qemu(&format!("echo mine >> {}", canary.display()));
+    assert!(!o.status.success(), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&canary).unwrap(), "root's\n");
+    c.kill_and_remove("p2");
     for (dpid, cmd) in &daemons {
         assert_eq!(memory_cgroup(*dpid), cg, "{dpid} {cmd} is in the VM's host cgroup");
     }
@@ -403,7 +441,72 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
     assert!(usage >= 128 << 20, "the guest's memhog pages are charged to the VM's cgroup: {usage} bytes");
     c.kill_and_remove("p1");
     c.assert_clean();
-    assert!(!cg.exists(), "{} is removed with the VM", cg.display());
+    assert!(!cg.exists(), "{} is removed with the VM; its processes: {:?}", cg.display(), std::fs::read_to_string(cg.join("cgroup.procs")).map(|p| p.lines().map(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default().replace('\0', " ")).collect::<Vec<_>>()));
+}
+
+/// A guest that answers every stats request with the largest numbers (test fault `absurd-stats`): what
+/// containerd reports is bounded by the host's own measure of the VM, its host cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_lies_about_its_stats_gets_figures_bounded_by_the_hosts() {
+    let c = Containerd::start_with("kernel_params = \"kata_rs.test_fault=absurd-stats:0\"");
+    c.run_detached("s1", &[], &["sleep", "100000"]);
+    let ls = c.ctr_ok(&["task", "ls"]);
+    let pid: u32 = ls.lines().find(|l| l.starts_with("s1 ")).and_then(|l| l.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{ls}"));
+    let m = c.ctr_ok(&["task", "metrics", "s1"]);
+    let get = |k: &str| -> u64 {
+        m.lines().find(|l| l.split_whitespace().next() == Some(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {k}: {m}"))
+    };
+    // Read after the shim read them: the high-water mark and the CPU time only grow.
+    let mem = memory_cgroup(pid);
+    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap().trim().parse::<u64>().unwrap();
+    let cpu = cgroup_dir(pid, "cpuacct");
+    let (host_max, host_limit, host_cpu_usec) = (read(&mem, "memory.max_usage_in_bytes"), read(&mem, "memory.limit_in_bytes"), read(&cpu, "cpuacct.usage") / 1000);
+    assert!(get("memory.usage") > 0 && get("memory.usage") <= host_max, "the VM's memory, at most: {host_max}\n{m}");
+    assert_eq!(get("memory.usage_limit"), host_limit, "{m}");
+    assert!(get("memory.swap_usage") <= get("memory.usage"), "{m}");
+    assert!(get("cpu.usage_usec") > 0 && get("cpu.usage_usec") <= host_cpu_usec, "the VM's CPU time, at most: {host_cpu_usec}\n{m}");
+    assert!(get("cpu.user_usec") <= get("cpu.usage_usec") && get("cpu.system_usec") <= get("cpu.usage_usec"), "{m}");
+    assert_eq!(get("pids.current"), kata_rs_shim::metrics::PIDS_MAX, "{m}");
+    c.kill_and_remove("s1");
+    c.assert_clean();
+}
+
+/// The cgroup v1 directory of a process in the hierarchy with `controller`.
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let (names, rel) = s
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, rel) = (parts.next()?, parts.next()?, parts.next()?);
+            names.split(',').any(|n| n == controller).then(|| (names.to_string(), rel.to_string()))
+        })
+        .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}: {s}"));
+    // Mounted at the hierarchy's names (`cpu,cpuacct`) or, where each controller has its own, its name.
+    let root = [names.as_str(), controller].iter().map(|n| Path::new("/sys/fs/cgroup").join(n)).find(|p| p.is_dir()).unwrap();
+    root.join(rel.trim_start_matches('/'))
+}
+
+/// A field of /proc/<pid>/status.
+fn field(status: &str, name: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim().to_string()).unwrap_or_else(|| panic!("no {name} in {status}"))
+}
+
+/// The process runs as a uid of its own VM's (the configured range, the same for every id, gid the
+/// same number), with no capability, no supplementary group and no_new_privs; returns that uid.
+fn own_user(status: &str, what: &str) -> u32 {
+    let ids: Vec<u32> = field(status, "Uid").split_whitespace().map(|v| v.parse().unwrap()).collect();
+    let uid = ids[0];
+    let base = test_config().hypervisor.host_id_base;
+    assert!(uid >= base && uid - base < test_config().hypervisor.host_id_count, "{what} runs as uid {uid}: {status}");
+    assert_eq!(ids, [uid; 4], "{what}: real, effective, saved and filesystem uid");
+    assert_eq!(field(status, "Gid").split_whitespace().map(|v| v.parse().unwrap()).collect::<Vec<u32>>(), [uid; 4], "{what}: gids");
+    assert_eq!(field(status, "Groups"), "", "{what}: no supplementary group");
+    for cap in ["CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(u64::from_str_radix(&field(status, cap), 16).unwrap(), 0, "{what}: {cap}");
+    }
+    assert_eq!(field(status, "NoNewPrivs"), "1", "{what}");
+    uid
 }
 
 /// The cgroup v1 memory-controller directory of a process (this machine kind mounts cgroup v1 there).
