@@ -66,18 +66,18 @@ pub fn tail_of(path: &Path, max: usize) -> String {
 impl Daemon {
     /// Spawns `program args...` with stdout/stderr appended to `log`.
     pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Result<Daemon, DaemonError> {
-        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, None, &[])
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, None)
     }
 
     /// Like [`Daemon::spawn`], as `user` (uid, gid, no supplementary group) from its first instruction.
     pub fn spawn_as(name: &'static str, program: &Path, args: &[String], log: PathBuf, user: HostId) -> Result<Daemon, DaemonError> {
-        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, Some(user), &[])
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, Some(user))
     }
 
     /// Like [`Daemon::spawn`], with the child in the network namespace `netns`, inheriting descriptor
     /// `keep` (its close-on-exec flag is cleared in the child only), e.g. QEMU's `vhostfd`, and as
-    /// `user` when given, with `groups` as its only supplementary groups. Every child runs with
-    /// no_new_privs: no exec can give it more than it has.
+    /// `user` when given (no supplementary group). Every child runs with no_new_privs: no exec can give
+    /// it more than it has.
     pub fn spawn_in(
         name: &'static str,
         program: &Path,
@@ -86,9 +86,7 @@ impl Daemon {
         keep: Option<std::os::fd::RawFd>,
         netns: ChildNetns,
         user: Option<HostId>,
-        groups: &[u32],
     ) -> Result<Daemon, DaemonError> {
-        let groups: Vec<libc::gid_t> = groups.to_vec();
         let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
@@ -106,7 +104,7 @@ impl Daemon {
                     ChildNetns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),
                 })?;
                 if let Some(u) = user {
-                    check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                    check(libc::setgroups(0, std::ptr::null()))?;
                     check(libc::setgid(u.gid))?;
                     check(libc::setuid(u.uid))?;
                 }

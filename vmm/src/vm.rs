@@ -298,7 +298,7 @@ impl Vm {
         // QEMU still runs as root: as the VM's user it could not open /dev/net/tun (0600 on hosts such
         // as this machine kind) for the taps hot-plugged later; that needs the tap's descriptor passed
         // over QMP. (QEMU's own -runas is no way out: the user change clears its parent-death signal.)
-        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns, None, &[])?;
+        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns, None)?;
         // A namespace of its own is pinned now, while QEMU (started paused) certainly lives in it.
         let netns_file = match spec.netns {
             Netns::New => {
