@@ -72,7 +72,7 @@ pub enum VmError {
     },
     #[error(transparent)]
     HostId(#[from] crate::hostid::HostIdError),
-    #[error("socket directory {path} of QEMU or vhost-device-vsock: {source}")]
+    #[error("socket directory {path} of vhost-device-vsock: {source}")]
     SocketDir {
         path: String,
         #[source]
@@ -180,9 +180,8 @@ impl Vm {
             std::fs::create_dir_all(d).map_err(|source| VmError::Dir { path: d.display().to_string(), source })?;
         }
         let dir = &spec.dir;
-        let qemu_sockets = dir.join("q");
-        let qmp_socket = qemu_sockets.join("qmp.sock");
-        let console_socket = qemu_sockets.join("console.sock");
+        let qmp_socket = dir.join("qmp.sock");
+        let console_socket = dir.join("console.sock");
         let console_log = dir.join("console.log");
         check_socket_path(&qmp_socket)?;
         check_socket_path(&console_socket)?;
@@ -270,7 +269,8 @@ impl Vm {
             None
         };
 
-        fresh_dir(&qemu_sockets)?;
+        let _ = std::fs::remove_file(&qmp_socket);
+        let _ = std::fs::remove_file(&console_socket);
         let args = QemuArgs {
             config: c,
             accel: spec.accel,
