@@ -102,24 +102,55 @@ where
     }
 }
 
-/// Copies containerd's stdin FIFO into the guest process; closes the guest stdin at EOF.
-pub async fn forward_input(agent: AgentClient, cid: String, exec_id: String, path: String) {
-    let mut f = match tokio::fs::OpenOptions::new().read(true).open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            warn!(path, error = %e, "cannot open stdin");
-            return;
-        }
+/// Copies containerd's stdin into the guest process, then closes the guest's stdin.
+///
+/// A FIFO is held open by the shim too (a writer of its own, as containerd's runc shim does), so a
+/// client that closes its end (an attach that ends) does not close the container's stdin: that happens
+/// when containerd asks (`close`, from CloseIO) and everything written before has been forwarded, i.e.
+/// at the EOF that follows the release of the shim's writer. A regular file is copied to its end.
+pub async fn forward_input(agent: AgentClient, cid: String, exec_id: String, path: String, close: tokio::sync::oneshot::Receiver<()>) {
+    let send = |data: Vec<u8>| {
+        let req = WriteStreamRequest { container_id: cid.clone(), exec_id: exec_id.clone(), data, ..Default::default() };
+        let agent = agent.clone();
+        async move { agent.call_default("WriteStdin", |c, ctx| async move { c.write_stdin(ctx, &req).await }).await.is_ok() }
     };
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match f.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let req = WriteStreamRequest { container_id: cid.clone(), exec_id: exec_id.clone(), data: buf[..n].to_vec(), ..Default::default() };
-                if agent.call_default("WriteStdin", |c, ctx| async move { c.write_stdin(ctx, &req).await }).await.is_err() {
-                    return;
+    if is_fifo(&path) {
+        use tokio::net::unix::pipe;
+        // Non-blocking opens: the reader first (it never waits for a writer), then the shim's writer.
+        let (mut rx, hold) = match pipe::OpenOptions::new().open_receiver(&path) {
+            Ok(rx) => match pipe::OpenOptions::new().open_sender(&path) {
+                Ok(tx) => (rx, tx),
+                Err(e) => return warn!(path, error = %e, "cannot hold stdin open"),
+            },
+            Err(e) => return warn!(path, error = %e, "cannot open stdin"),
+        };
+        let mut hold = Some(hold);
+        let mut close = Some(close);
+        loop {
+            tokio::select! {
+                r = rx.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => if !send(buf[..n].to_vec()).await { return },
+                },
+                // Closed (or the process is gone): release the shim's writer; the EOF comes once the
+                // client's writers are closed and what they wrote is read.
+                _ = async { close.as_mut().unwrap().await }, if close.is_some() => {
+                    close = None;
+                    hold = None;
                 }
+            }
+        }
+        drop(hold);
+    } else {
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) => return warn!(path, error = %e, "cannot open stdin"),
+        };
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if !send(buf[..n].to_vec()).await { return },
             }
         }
     }

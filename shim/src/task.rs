@@ -117,6 +117,8 @@ struct Proc {
     io: Vec<JoinHandle<()>>,
     /// The stdin forwarder (it ends with containerd's stdin, not with the process): aborted at the exit.
     stdin_io: Option<JoinHandle<()>>,
+    /// Tells the stdin forwarder that containerd closed stdin (CloseIO): taken by the first CloseIO.
+    stdin_close: Option<tokio::sync::oneshot::Sender<()>>,
     /// The host is ending this process (the guest would not): its exit is [`KILLED_STATUS`], whoever
     /// reports it first.
     ended_by_host: bool,
@@ -140,6 +142,7 @@ impl Proc {
             exit_rx: rx,
             io: vec![],
             stdin_io: None,
+            stdin_close: None,
             ended_by_host: false,
             guest_reported_exit: false,
         }
@@ -150,7 +153,9 @@ impl Proc {
         self.io.push(tokio::spawn(stdio::forward_output(a(), cid.into(), exec_id.into(), self.stdout.clone(), false)));
         self.io.push(tokio::spawn(stdio::forward_output(a(), cid.into(), exec_id.into(), self.stderr.clone(), true)));
         if !self.stdin.is_empty() {
-            self.stdin_io = Some(tokio::spawn(stdio::forward_input(a(), cid.into(), exec_id.into(), self.stdin.clone())));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.stdin_close = Some(tx);
+            self.stdin_io = Some(tokio::spawn(stdio::forward_input(a(), cid.into(), exec_id.into(), self.stdin.clone(), rx)));
         }
     }
 
@@ -1031,13 +1036,20 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 
+    /// Stdin closed by containerd: the forwarder sends what was written before, then closes the guest's
+    /// stdin (at once when there is no forwarder: no stdin, or it ended).
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
-        let (agent, cid) = {
-            let g = self.state.lock().await;
-            let st = g.tasks.get(&req.id).ok_or_else(|| self.no_task(&req.id))?;
-            (st.agent.clone(), st.id.clone())
+        if !req.stdin {
+            return Ok(Empty::new());
+        }
+        let (agent, cid, forwarder) = {
+            let mut g = self.state.lock().await;
+            let st = g.task_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
+            let (agent, cid) = (st.agent.clone(), st.id.clone());
+            let p = st.proc_mut(&req.exec_id)?;
+            (agent, cid, p.stdin_close.take())
         };
-        if req.stdin {
+        if !forwarder.is_some_and(|tx| tx.send(()).is_ok()) {
             stdio::close_stdin(&agent, &cid, &req.exec_id).await;
         }
         Ok(Empty::new())

@@ -78,17 +78,23 @@ async fn run_rm_in_the_foreground_propagates_output_and_exit_code() {
 async fn kill_delivers_the_signal_and_stdin_reaches_the_container() {
     let c = Containerd::start();
     let fifo = c.dir.join("fifo").display().to_string();
-    // stdin: `ctr run` without -d forwards its stdin; the container echoes it back.
+    // stdin: `ctr run` without -d forwards its stdin, then closes it (CloseIO right after its last
+    // write): everything written reaches the container before its stdin ends, 1 MiB after the line too.
     let mut child = std::process::Command::new(c.ctr_path())
-        .args(["--address", &c.address, "run", "--rm", "--runtime", RUNTIME, "--fifo-dir", &fifo, IMAGE, "k3", "sh", "-c", "read line; echo got:$line; exit 0"])
+        .args(["--address", &c.address, "run", "--rm", "--runtime", RUNTIME, "--fifo-dir", &fifo, IMAGE, "k3", "sh", "-c", "read line; echo got:$line; wc -c; exit 0"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"ping\n").unwrap();
+    let mut input = b"ping\n".to_vec();
+    input.extend(std::iter::repeat(b'x').take(1 << 20));
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
     let o = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "got:ping\n");
+    writer.join().unwrap().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().map(str::trim).collect::<Vec<_>>(), ["got:ping", "1048576"], "{out}");
     assert!(o.status.success());
 
     c.run_detached("k4", &[], &["sh", "-c", "trap 'echo term > /got-term; exit 7' TERM; echo ready > /trap-set; while :; do sleep 0.1; done"]);
