@@ -203,6 +203,50 @@ impl HostCgroup {
     }
 }
 
+/// The file in a VM's directory naming the cgroup directories made for it, so that the cleanup after
+/// a dead shim removes them too.
+pub const RECORD_FILE: &str = "host-cgroup.json";
+
+impl HostCgroup {
+    /// Writes the directories this made to `vm_dir`'s [`RECORD_FILE`] (a host-only directory).
+    pub fn record(&self, vm_dir: &Path) {
+        let text = serde_json::to_vec(&self.created).unwrap_or_default();
+        if let Err(e) = std::fs::write(vm_dir.join(RECORD_FILE), text) {
+            warn!(dir = %vm_dir.display(), error = %e, "recording the VM's host cgroup (a cleanup after a dead shim would leave it)");
+        }
+    }
+}
+
+/// Removes the cgroup directories recorded in `vm_dir` (the cleanup after a dead shim), deepest first,
+/// each once the VM's killed processes have left it (waiting up to `wait` in all). Only directories
+/// below a cgroup hierarchy of this mount namespace, by plain components, are touched.
+pub fn remove_recorded(vm_dir: &Path, wait: std::time::Duration) {
+    let Ok(text) = std::fs::read(vm_dir.join(RECORD_FILE)) else { return };
+    let Ok(dirs) = serde_json::from_slice::<Vec<PathBuf>>(&text) else { return };
+    let roots = std::fs::read_to_string("/proc/self/mountinfo").map(|m| hierarchies(&m)).unwrap_or_default();
+    let deadline = std::time::Instant::now() + wait;
+    for d in dirs.iter().rev() {
+        let below_root = roots.iter().any(|(r, _)| d.strip_prefix(r).is_ok_and(|rel| rel.components().count() > 0 && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))));
+        if !below_root {
+            warn!(dir = %d.display(), "a recorded host cgroup that is not below a cgroup hierarchy is left alone");
+            continue;
+        }
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // Busy: the killed processes are still leaving it.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+                Err(e) => {
+                    warn!(dir = %d.display(), error = %e, "removing a dead shim's VM cgroup");
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(vm_dir.join(RECORD_FILE));
+}
+
 /// What the host itself measures of a VM's cgroup: the ceiling of every figure its guest reports.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostMeter {

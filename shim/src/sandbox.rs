@@ -185,7 +185,10 @@ impl Sandbox {
         let mut vm = Vm::start(spec).await?;
         let host_cgroup = match &p.cgroup {
             Some((path, limit)) => match crate::cgroups::HostCgroup::place(path, &crate::cgroups::with_descendants(&vm.pids()), *limit) {
-                Ok(cg) => Some(cg),
+                Ok(cg) => {
+                    cg.record(&dir);
+                    Some(cg)
+                }
                 Err(e) => {
                     vm.shutdown().await;
                     return Err(e.into());

@@ -35,6 +35,8 @@ pub fn shim_config() -> ShimConfig {
 pub fn cleanup_after_dead_shim(config: &Config, id: &str, bundle: &std::path::Path) -> Vec<u32> {
     let dir = sandbox::Sandbox::dir_for(config, id);
     let killed = vmm::vm::cleanup_dir(&dir);
+    // The VM's host cgroup, once its killed processes have left it.
+    crate::cgroups::remove_recorded(&dir, std::time::Duration::from_secs(5));
     // The shared directory's tmpfs goes with every mount below it (the rootfs bind mount).
     sandbox::remove_sandbox_dir(&dir);
     mounts::unmount_if_mounted(&bundle.join("rootfs"));

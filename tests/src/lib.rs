@@ -27,6 +27,13 @@ pub fn guest_dir() -> PathBuf {
     d
 }
 
+/// The cgroup v1 memory-controller directory of a process (this machine kind mounts cgroup v1 there).
+pub fn memory_cgroup(pid: u32) -> PathBuf {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let rel = s.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap_or_else(|| panic!("no memory cgroup for {pid}: {s}"));
+    Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'))
+}
+
 /// A configuration for tests: this checkout's guest image, a private runtime root.
 pub fn test_config() -> Config {
     let g = guest_dir();

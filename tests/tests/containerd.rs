@@ -112,6 +112,11 @@ async fn kill_delivers_the_signal_and_stdin_reaches_the_container() {
 /// SIGKILLs the shim serving `id`; containerd notices, runs `containerd-shim-kata-rs-v2 delete`, and
 /// drops the task.
 async fn kill_shim_and_wait_for_cleanup(c: &Containerd, id: &str) {
+    // The VM's host cgroup (QEMU's, the task pid) goes too.
+    let ls = c.ctr_ok(&["task", "ls"]);
+    let qemu: u32 = ls.lines().find(|l| l.starts_with(&format!("{id} "))).and_then(|l| l.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{ls}"));
+    let cgroup = kata_rs_tests::memory_cgroup(qemu);
+    assert!(cgroup.join("memory.limit_in_bytes").exists() && cgroup != std::path::Path::new("/sys/fs/cgroup/memory"), "{}", cgroup.display());
     let shims = kata_rs_tests::processes_mentioning(&format!("-id {id} "));
     assert_eq!(shims.len(), 1, "{shims:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shims[0].0 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -120,6 +125,11 @@ async fn kill_shim_and_wait_for_cleanup(c: &Containerd, id: &str) {
         assert!(start.elapsed() < T, "task {id} still listed after its shim was killed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // containerd may list the task as gone before its run of the shim's `delete` has ended.
+    while cgroup.exists() && start.elapsed() < T {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!cgroup.exists(), "the VM's host cgroup {} is left after its dead shim's cleanup", cgroup.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,7 +388,7 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
         }
     }
     // Host accounting.
-    let cg = memory_cgroup(pid);
+    let cg = kata_rs_tests::memory_cgroup(pid);
     assert_eq!(cg.strip_prefix("/sys/fs/cgroup/memory"), Ok(Path::new(&format!("{}/p1", c.namespace))), "QEMU's memory cgroup is the spec's");
     let daemons: Vec<_> = kata_rs_tests::processes_mentioning(&c.dir.join("kr/p1").display().to_string()).into_iter().filter(|(p, _)| *p != pid).collect();
     assert!(daemons.iter().filter(|(_, cmd)| cmd.contains("virtiofsd")).count() >= 2, "virtiofsd and its sandboxed child: {daemons:?}");
@@ -432,7 +432,7 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
     assert_eq!(std::fs::read_to_string(&canary).unwrap(), "root's\n");
     c.kill_and_remove("p2");
     for (dpid, cmd) in &daemons {
-        assert_eq!(memory_cgroup(*dpid), cg, "{dpid} {cmd} is in the VM's host cgroup");
+        assert_eq!(kata_rs_tests::memory_cgroup(*dpid), cg, "{dpid} {cmd} is in the VM's host cgroup");
     }
     let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap().trim().parse::<u64>().unwrap();
     let mem = test_config().hypervisor.memory_mib as u64;
@@ -457,7 +457,7 @@ async fn a_guest_that_lies_about_its_stats_gets_figures_bounded_by_the_hosts() {
         m.lines().find(|l| l.split_whitespace().next() == Some(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {k}: {m}"))
     };
     // Read after the shim read them: the high-water mark and the CPU time only grow.
-    let mem = memory_cgroup(pid);
+    let mem = kata_rs_tests::memory_cgroup(pid);
     let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap().trim().parse::<u64>().unwrap();
     let cpu = cgroup_dir(pid, "cpuacct");
     let (host_max, host_limit, host_cpu_usec) = (read(&mem, "memory.max_usage_in_bytes"), read(&mem, "memory.limit_in_bytes"), read(&cpu, "cpuacct.usage") / 1000);
@@ -507,13 +507,6 @@ fn own_user(status: &str, what: &str) -> u32 {
     }
     assert_eq!(field(status, "NoNewPrivs"), "1", "{what}");
     uid
-}
-
-/// The cgroup v1 memory-controller directory of a process (this machine kind mounts cgroup v1 there).
-fn memory_cgroup(pid: u32) -> PathBuf {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let rel = s.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string())).unwrap_or_else(|| panic!("no memory cgroup for {pid}: {s}"));
-    Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'))
 }
 
 fn rss_kib() -> u64 {
