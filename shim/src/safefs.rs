@@ -9,7 +9,6 @@
 use std::{
     ffi::{CStr, CString, OsStr, OsString},
     fs::File,
-    io::{Read, Write},
     os::{
         fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
@@ -414,23 +413,66 @@ fn copy_level(src: &Dir, dst: &Dir, l: &Limits, c: &mut Copied, entries: &mut u6
     Ok(())
 }
 
-/// Copies `r` into `w`, adding to `total` what actually arrived and failing past `max`.
+/// Copies `r` into `w` sparse-aware: only the source's data extents (`SEEK_DATA`/`SEEK_HOLE`) are
+/// read and written at the same offsets, holes stay holes, and the copy gets the source's length.
+/// `total` counts the data bytes that actually arrived; the copy fails past `max` of them, and as soon
+/// as any data or the length lies beyond offset `max` (a file the guest extends while it is read).
 fn copy_bounded(r: &mut File, w: &mut File, from: &Path, to: &Path, max: u64, total: &mut u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let beyond = || SafeFsError::Limit { what: "image bytes", limit: max };
     let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let mut end = 0u64;
     loop {
-        let n = match r.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        let data = match seek(r, pos, libc::SEEK_DATA) {
+            Ok(o) => o,
+            Err(Errno::ENXIO) => break,
             Err(e) => return Err(io_err(from, e)),
         };
-        if n == 0 {
-            return Ok(());
+        let hole = seek(r, data, libc::SEEK_HOLE).map_err(|e| io_err(from, e))?;
+        if hole > max {
+            return Err(beyond());
         }
-        *total += n as u64;
-        if *total > max {
-            return Err(SafeFsError::Limit { what: "image bytes", limit: max });
+        let mut at = data;
+        while at < hole {
+            let want = buf.len().min((hole - at) as usize);
+            let n = match r.read_at(&mut buf[..want], at) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(from, e)),
+            };
+            if n == 0 {
+                break; // shrunk while read
+            }
+            *total += n as u64;
+            if *total > max {
+                return Err(beyond());
+            }
+            w.write_all_at(&buf[..n], at).map_err(|e| io_err(to, e))?;
+            at += n as u64;
+            end = end.max(at);
         }
-        w.write_all(&buf[..n]).map_err(|e| io_err(to, e))?;
+        if at < hole {
+            break;
+        }
+        pos = hole;
+    }
+    // The length the source has now (a trailing hole included), within the same bound.
+    let len = fstat(r.as_raw_fd()).map_err(|e| io_err(from, e))?.st_size.max(0) as u64;
+    if len > max {
+        return Err(beyond());
+    }
+    w.set_len(len.max(end)).map_err(|e| io_err(to, e))
+}
+
+fn seek(f: &File, off: u64, whence: libc::c_int) -> std::result::Result<u64, Errno> {
+    let off = i64::try_from(off).map_err(|_| Errno::EOVERFLOW)?;
+    // SAFETY: lseek on a descriptor this function borrows; no memory is passed.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r as u64)
     }
 }
 
@@ -460,6 +502,36 @@ mod tests {
         assert_eq!(std::fs::read(d.join("sub/inventory.img")).unwrap(), b"inv");
         let _ = std::fs::remove_dir_all(&s);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn sparse_files_stay_sparse_and_data_past_the_limit_is_refused() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let s = tmp("sparse-src");
+        let d = tmp("sparse-dst");
+        // 8 MiB long, 8 KiB of data in two extents, a trailing hole.
+        let f = File::create(s.join("pages-1.img")).unwrap();
+        f.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[2u8; 4096], 5 << 20).unwrap();
+        f.set_len(8 << 20).unwrap();
+        drop(f);
+        let big = Limits { max_bytes: 16 << 20, ..L };
+        let c = copy_tree(&Dir::open_host(&s).unwrap(), &Dir::open_host(&d).unwrap(), big).unwrap();
+        assert!(c.bytes <= 1 << 20, "only data extents count, {} bytes did", c.bytes);
+        let m = std::fs::metadata(d.join("pages-1.img")).unwrap();
+        assert_eq!(m.len(), 8 << 20);
+        assert!(m.blocks() * 512 <= 1 << 20, "the copy allocated {} bytes", m.blocks() * 512);
+        assert_eq!(std::fs::read(d.join("pages-1.img")).unwrap(), std::fs::read(s.join("pages-1.img")).unwrap());
+        // A file longer than the limit is refused, however little data it holds.
+        let s2 = tmp("sparse-far");
+        let f = File::create(s2.join("pages-1.img")).unwrap();
+        f.write_all_at(&[3u8; 16], (16 << 20) + 1).unwrap();
+        drop(f);
+        let e = copy_err(&s2, big);
+        assert!(e.contains("16777216"), "{e}");
+        for p in [&s, &d, &s2] {
+            let _ = std::fs::remove_dir_all(p);
+        }
     }
 
     fn copy_err(s: &Path, limits: Limits) -> String {
