@@ -294,6 +294,7 @@ impl Containerd {
         // CRI's ids are 64 characters: a short root keeps `<root>/<id>/<socket>` within a socket path's
         // 107 bytes (as /run/kata-rs does after make install).
         kata.runtime.root = if namespace == CRI_NAMESPACE { Path::new("/run/kr").join(dir.file_name().unwrap()) } else { dir.join("kr") };
+        seed_accel_cache(&kata.runtime.root);
         let g = crate::guest_dir();
         std::fs::write(
             dir.join("kata.toml"),
@@ -627,4 +628,31 @@ mod tests {
         assert_eq!(c["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"].as_str(), Some(PAUSE_IMAGE));
         assert_eq!(c["grpc"]["address"].as_str(), Some("/w/c.sock"));
     }
+}
+
+/// Puts the KVM probe's verdict (`vmm::accel`) into a new runtime root, so that each test's containerd
+/// does not boot the probe guest again (8 s where KVM cannot run the guest): the verdict is made once
+/// per test binary, by the shim's own code, into `/run/kata-rs-test`'s cache (shared with the tests that
+/// boot VMs directly), and it is keyed by QEMU, kernel, initrd (with their mtimes) and CPU model, so a
+/// changed guest probes again. The probe itself stays covered by the first VM of every run.
+fn seed_accel_cache(root: &Path) {
+    static SHARED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let shared = SHARED.get_or_init(|| {
+        let cfg = crate::test_config();
+        let cache = vmm::accel::default_cache_dir(&cfg.runtime.root);
+        let qemu = vmm::config::resolve_program(&cfg.hypervisor.qemu_path).unwrap_or_else(|| cfg.hypervisor.qemu_path.clone());
+        // On a thread of its own: a caller may be inside a runtime already.
+        let c = cache.clone();
+        let choice = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(vmm::accel::choose(&cfg.hypervisor, &qemu, &c))
+        })
+        .join()
+        .unwrap();
+        eprintln!("accelerator for this run: {} ({})", choice.accel, choice.reason);
+        cache
+    });
+    let dst = vmm::accel::default_cache_dir(root);
+    std::fs::create_dir_all(&dst).unwrap();
+    let _ = std::fs::copy(shared.join("kvm-probe.json"), dst.join("kvm-probe.json"));
 }
