@@ -191,3 +191,37 @@ pub fn cycles(c: &Containerd, id: &str, n: usize) -> (Snapshot, Snapshot, Vec<f6
     }
     (first.expect("n > 0"), snapshot(c, shim_pid(id)), times)
 }
+
+/// `n` execs in container `id`, one after another, made through its shim's task API as containerd
+/// makes them (Exec, Start, Wait, Delete), each printing one line into the file `out` (the stdout URI
+/// `file://`). Returns the snapshots after the first `warm` execs and after the last, and the mean
+/// seconds per exec.
+pub fn many_execs(c: &Containerd, id: &str, n: usize, warm: usize, out: &std::path::Path) -> (Snapshot, Snapshot, f64) {
+    use containerd_shim::protos::{
+        api::{DeleteRequest, ExecProcessRequest, StartRequest, WaitRequest},
+        protobuf::well_known_types::any::Any,
+        ttrpc::context,
+    };
+    let shim = c.shim_client(id);
+    let pid = shim_pid(id);
+    let ctx = || context::with_timeout(120_000_000_000);
+    let stdout = format!("file://{}", out.display());
+    let mut first = None;
+    let t = Instant::now();
+    for i in 0..n {
+        if i == warm {
+            first = Some(snapshot(c, pid));
+        }
+        let exec_id = format!("x{i}");
+        let process = serde_json::json!({"args": ["echo", format!("exec {i}")], "env": ["PATH=/bin:/usr/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "terminal": false});
+        let spec = Any { type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(), value: serde_json::to_vec(&process).unwrap(), ..Default::default() };
+        let req = ExecProcessRequest { id: id.into(), exec_id: exec_id.clone(), stdout: stdout.clone(), spec: Some(spec).into(), ..Default::default() };
+        shim.exec(ctx(), &req).unwrap_or_else(|e| panic!("exec {i}: {e}"));
+        shim.start(ctx(), &StartRequest { id: id.into(), exec_id: exec_id.clone(), ..Default::default() }).unwrap_or_else(|e| panic!("start of exec {i}: {e}"));
+        let w = shim.wait(ctx(), &WaitRequest { id: id.into(), exec_id: exec_id.clone(), ..Default::default() }).unwrap_or_else(|e| panic!("wait of exec {i}: {e}"));
+        assert_eq!(w.exit_status, 0, "exec {i}");
+        shim.delete(ctx(), &DeleteRequest { id: id.into(), exec_id, ..Default::default() }).unwrap_or_else(|e| panic!("delete of exec {i}: {e}"));
+    }
+    let per_exec = t.elapsed().as_secs_f64() / n as f64;
+    (first.expect("warm < n"), snapshot(c, pid), per_exec)
+}
