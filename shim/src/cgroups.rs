@@ -201,13 +201,7 @@ impl HostCgroup {
             }
         }
     }
-}
 
-/// The file in a VM's directory naming the cgroup directories made for it, so that the cleanup after
-/// a dead shim removes them too.
-pub const RECORD_FILE: &str = "host-cgroup.json";
-
-impl HostCgroup {
     /// Writes the directories this made to `vm_dir`'s [`RECORD_FILE`] (a host-only directory).
     pub fn record(&self, vm_dir: &Path) {
         let text = serde_json::to_vec(&self.created).unwrap_or_default();
@@ -216,6 +210,10 @@ impl HostCgroup {
         }
     }
 }
+
+/// The file in a VM's directory naming the cgroup directories made for it, so that the cleanup after
+/// a dead shim removes them too.
+pub const RECORD_FILE: &str = "host-cgroup.json";
 
 /// Removes the cgroup directories recorded in `vm_dir` (the cleanup after a dead shim), deepest first,
 /// each once the VM's killed processes have left it (waiting up to `wait` in all). Only directories
