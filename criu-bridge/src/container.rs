@@ -870,6 +870,18 @@ impl Containers {
         let deadline = (req.deadline_s > 0).then(|| Duration::from_secs(req.deadline_s as u64));
         let since = std::time::Instant::now();
         let out = cmd::run_command(&self.reaper, cmd_, deadline).await.map_err(io("running runc restore"))?;
+        if out.timed_out {
+            // The deadline is the caller's (less the host's margin) or the container's: the answer
+            // must say so, or a restore cut short reads as a restore that failed on its own.
+            let e = ContainerError::Runc {
+                what: "runc restore".into(),
+                detail: format!(
+                    "restore deadline of {} s exceeded; runc restore was stopped and the container was not restored (the checkpoint images are unchanged)",
+                    req.deadline_s
+                ),
+            };
+            return Err(with_criu_log(e, &req.work_path, "restore.log"));
+        }
         if !out.ok() {
             let e = runc_err("runc restore".into(), &runc_log_error(&c.bundle.join("runc.log")));
             return Err(with_criu_log(e, &req.work_path, "restore.log"));
