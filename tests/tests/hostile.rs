@@ -558,3 +558,51 @@ async fn a_console_flood_costs_the_host_bounded_memory_and_disk() {
     sb.agent.call_default("Check", |c, ctx| async move { c.check(ctx, &agent_client::agent::CheckRequest::new()).await }).await.unwrap();
     kata_rs_tests::stop_and_assert_clean(sb).await;
 }
+
+/// A guest that fills its shared directory (a container whose rootfs is in it writes zeros until it
+/// cannot): the write ends with ENOSPC at the tmpfs's size, the pages are charged to the VM's host
+/// cgroup, whose limit covers them (no OOM there: QEMU and its daemons live on), and the agent answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_filling_its_shared_directory_is_bounded_by_its_host_cgroup() {
+    let mut cfg = test_config();
+    // A small guest: its shared directory is 2 × memory + 1 GiB, all of which the guest fills.
+    cfg.hypervisor.memory_mib = 256;
+    let mem = cfg.hypervisor.memory_mib as u64;
+    let shared_bytes = kata_rs_shim::sandbox::shared_dir_bytes(mem);
+    let limit = kata_rs_shim::cgroups::vm_memory_limit(mem, shared_bytes);
+    kata_rs_tests::init_logging();
+    let id = kata_rs_tests::unique_id("fill");
+    let mut p = kata_rs_shim::Sandbox::prepare(&cfg, &id).unwrap();
+    p.cgroup = Some((format!("/kata-rs-test-fill/{id}"), limit));
+    let sb = kata_rs_shim::Sandbox::boot(&cfg, p).await.unwrap_or_else(|e| panic!("sandbox {id}: {e}"));
+    let qemu = sb.vm.pids()[0];
+    let cg = kata_rs_tests::memory_cgroup(qemu);
+    let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap().trim().parse::<u64>().unwrap();
+    assert_eq!(read("memory.limit_in_bytes"), limit);
+    let st = nix::sys::statvfs::statvfs(&sb.shared_dir).unwrap();
+    assert_eq!(st.blocks() as u64 * st.fragment_size() as u64, shared_bytes, "the shared tmpfs's size");
+    let (host_rootfs, guest_rootfs) = kata_rs_tests::prepare_rootfs(&sb, "f1");
+    // The retry: virtiofsd closes the deleted file (and the tmpfs frees it) only at the guest's
+    // asynchronous FUSE release, after `rm` returned.
+    let script = "dd if=/dev/zero of=/fill bs=1M 2>/dev/null; rc=$?; s=$(ls -l /fill | awk '{print $5}'); rm -f /fill; until echo \"$rc $s\" > /rc; do sleep 1; done; sleep 100000";
+    let req = agent_client::agent::CreateContainerRequest { container_id: "f1".into(), oci_spec: oci_spec(&["sh", "-c", script]), rootfs: guest_rootfs, ..Default::default() };
+    sb.agent.call_default("CreateContainer", |c, ctx| async move { c.create_container(ctx, &req).await }).await.unwrap();
+    let req = agent_client::agent::ContainerRequest { container_id: "f1".into(), ..Default::default() };
+    let start = Instant::now();
+    sb.agent.call_default("StartContainer", |c, ctx| async move { c.start_container(ctx, &req).await }).await.unwrap();
+    let rc = kata_rs_tests::wait_file(&host_rootfs.join("rc"), Duration::from_secs(300), |s| s.ends_with('\n')).await;
+    eprintln!("the guest filled its shared directory in {:.1} s: dd status and bytes: {}", start.elapsed().as_secs_f64(), rc.trim());
+    let (code, bytes) = rc.trim().split_once(' ').unwrap_or_else(|| panic!("{rc:?}"));
+    assert_ne!(code, "0", "dd ends with an error (ENOSPC)");
+    let bytes: u64 = bytes.parse().unwrap();
+    assert!(bytes <= shared_bytes && bytes >= shared_bytes - (64 << 20), "{bytes} bytes written of a {shared_bytes}-byte directory");
+    let peak = read("memory.max_usage_in_bytes");
+    eprintln!("host cgroup: peak {peak} bytes of a {limit}-byte limit, failcnt {}", read("memory.failcnt"));
+    assert!(peak >= bytes, "the guest's tmpfs pages are charged to its host cgroup: peak {peak} < {bytes}");
+    let oom = std::fs::read_to_string(cg.join("memory.oom_control")).unwrap();
+    assert!(oom.lines().any(|l| l == "oom_kill 0"), "nothing in the VM's cgroup was OOM-killed: {oom}");
+    assert!(sb.vm.pids().iter().all(|p| Path::new(&format!("/proc/{p}")).exists()), "QEMU and its daemons live on");
+    sb.agent.call_default("Check", |c, ctx| async move { c.check(ctx, &agent_client::agent::CheckRequest::new()).await }).await.unwrap();
+    kata_rs_tests::stop_and_assert_clean(sb).await;
+    assert!(!cg.exists(), "{} is removed with the VM", cg.display());
+}
