@@ -371,6 +371,15 @@ async fn task_pid_is_qemu_and_helpers_run_sandboxed() {
     assert!(cmdline.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"), "{cmdline}");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert_eq!(field(&status, "Seccomp"), "2", "QEMU runs with a seccomp filter: {status}");
+    // Root, with CAP_NET_ADMIN (taps) as its only capability, bounding set included: no exec or file
+    // capability can give it another.
+    for set in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(u64::from_str_radix(&field(&status, set), 16).unwrap(), 1 << 12, "QEMU's {set}: {status}");
+    }
+    for set in ["CapInh", "CapAmb"] {
+        assert_eq!(u64::from_str_radix(&field(&status, set), 16).unwrap(), 0, "QEMU's {set}: {status}");
+    }
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
     // An exec's pid is QEMU's too.
     c.ctr_ok(&["task", "exec", "-d", "--exec-id", "e1", "p1", "sleep", "30"]);
     let ps = c.ctr_ok(&["task", "ps", "p1"]);

@@ -63,21 +63,86 @@ pub fn tail_of(path: &Path, max: usize) -> String {
     }
 }
 
+/// Who a daemon runs as.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Identity {
+    /// This uid and gid (no supplementary group) from its first instruction; else the caller's.
+    pub user: Option<HostId>,
+    /// Only these capabilities (a mask of `1 << CAP_*`) in its bounding set, none inheritable or
+    /// ambient: a root program then holds exactly these after exec, whatever its file says.
+    pub capabilities: Option<u64>,
+}
+
+/// Capability numbers (linux/capability.h).
+pub mod cap {
+    pub const CHOWN: u64 = 1 << 0;
+    pub const DAC_OVERRIDE: u64 = 1 << 1;
+    pub const DAC_READ_SEARCH: u64 = 1 << 2;
+    pub const FOWNER: u64 = 1 << 3;
+    pub const FSETID: u64 = 1 << 4;
+    pub const NET_ADMIN: u64 = 1 << 12;
+}
+
+/// In a child before exec (async-signal-safe calls only): drops every capability not in `keep` from
+/// the bounding set and clears the inheritable and ambient sets. The effective set is left as it is,
+/// for the rest of pre_exec.
+fn limit_capabilities(keep: u64) -> std::io::Result<()> {
+    // SAFETY: prctl and capget/capset with pointers to locals.
+    unsafe {
+        for c in 0..64 {
+            if keep & (1 << c) == 0 && libc::prctl(libc::PR_CAPBSET_DROP, c as libc::c_ulong, 0, 0, 0) != 0 {
+                let e = std::io::Error::last_os_error();
+                // Past the kernel's last capability.
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    break;
+                }
+                return Err(e);
+            }
+        }
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut h = Header { version: 0x2008_0522, pid: 0 };
+        let mut d = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        if libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        d[0].inheritable = 0;
+        d[1].inheritable = 0;
+        if libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 impl Daemon {
     /// Spawns `program args...` with stdout/stderr appended to `log`.
     pub fn spawn(name: &'static str, program: &Path, args: &[String], log: PathBuf) -> Result<Daemon, DaemonError> {
-        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, None)
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, Identity::default())
     }
 
     /// Like [`Daemon::spawn`], as `user` (uid, gid, no supplementary group) from its first instruction.
     pub fn spawn_as(name: &'static str, program: &Path, args: &[String], log: PathBuf, user: HostId) -> Result<Daemon, DaemonError> {
-        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, Some(user))
+        Self::spawn_in(name, program, args, log, None, ChildNetns::Inherit, Identity { user: Some(user), ..Default::default() })
     }
 
     /// Like [`Daemon::spawn`], with the child in the network namespace `netns`, inheriting descriptor
-    /// `keep` (its close-on-exec flag is cleared in the child only), e.g. QEMU's `vhostfd`, and as
-    /// `user` when given (no supplementary group). Every child runs with no_new_privs: no exec can give
-    /// it more than it has.
+    /// `keep` (its close-on-exec flag is cleared in the child only), e.g. QEMU's `vhostfd`, and with
+    /// the user and capabilities of `id`. Every child runs with no_new_privs: no exec can give it more
+    /// than it has.
     pub fn spawn_in(
         name: &'static str,
         program: &Path,
@@ -85,15 +150,16 @@ impl Daemon {
         log: PathBuf,
         keep: Option<std::os::fd::RawFd>,
         netns: ChildNetns,
-        user: Option<HostId>,
+        id: Identity,
     ) -> Result<Daemon, DaemonError> {
+        let Identity { user, capabilities } = id;
         let spawn_err = |source| DaemonError::Spawn { name, program: program.display().to_string(), source };
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
         let err = out.try_clone().map_err(spawn_err)?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true);
-        // SAFETY: setgroups, setgid, setuid, prctl, fcntl, unshare and setns are async-signal-safe;
-        // nothing else runs between fork and exec.
+        // SAFETY: setgroups, setgid, setuid, prctl, capset, fcntl, unshare and setns are
+        // async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let check = |r: libc::c_int| if r != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
@@ -107,6 +173,9 @@ impl Daemon {
                     check(libc::setgroups(0, std::ptr::null()))?;
                     check(libc::setgid(u.gid))?;
                     check(libc::setuid(u.uid))?;
+                }
+                if let Some(keep) = capabilities {
+                    limit_capabilities(keep)?;
                 }
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 // After the user change, which clears the parent-death signal.

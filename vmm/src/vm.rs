@@ -12,7 +12,7 @@ use crate::{
     cmdline::{QemuArgs, VsockDevice},
     config::{resolve_program, VmConfig},
     console::Console,
-    daemon::{kill_recorded, tail_of, ChildNetns, Daemon, DaemonError},
+    daemon::{kill_recorded, tail_of, ChildNetns, Daemon, DaemonError, Identity},
     qmp::{Qmp, QmpError},
     SharedFs, VsockSetting,
 };
@@ -244,6 +244,11 @@ impl Vm {
             d.wait_for_socket(&socket, Duration::from_secs(5)).await?;
             d.wait_for_socket(&uds, Duration::from_secs(5)).await?;
             sock_dir(0, 0, 0o755)?;
+            if user.is_some() {
+                // QEMU (root without DAC_OVERRIDE) connects to the vhost-user socket: root's too,
+                // changed now that the daemon can no longer replace it.
+                root_owned_socket(&socket)?;
+            }
             daemons.push(d);
             (VsockDevice::VhostUser { socket }, AgentChannel::Hybrid { uds })
         };
@@ -295,10 +300,12 @@ impl Vm {
             (Netns::Path(_), Some(f)) => ChildNetns::Join(std::os::fd::AsRawFd::as_raw_fd(f)),
             _ => ChildNetns::Inherit,
         };
-        // QEMU still runs as root: as the VM's user it could not open /dev/net/tun (0600 on hosts such
-        // as this machine kind) for the taps hot-plugged later; that needs the tap's descriptor passed
-        // over QMP. (QEMU's own -runas is no way out: the user change clears its parent-death signal.)
-        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns, None)?;
+        // QEMU runs as root with only the capabilities it uses (docs/security.md): as the VM's user it
+        // could not open /dev/net/tun (0600 on hosts such as this machine kind) for the taps
+        // hot-plugged later, which needs the tap's descriptor passed over QMP. (QEMU's own -runas is no
+        // way out: the user change clears its parent-death signal.)
+        let id = Identity { user: None, capabilities: Some(qemu_capabilities(c.shared_fs)) };
+        let mut qemu = Daemon::spawn_in("qemu", &qemu_path, &args, qemu_log.clone(), keep, child_netns, id)?;
         // A namespace of its own is pinned now, while QEMU (started paused) certainly lives in it.
         let netns_file = match spec.netns {
             Netns::New => {
@@ -508,6 +515,31 @@ async fn teardown(qemu: Option<Daemon>, daemons: Vec<Daemon>, grace: Duration) {
 fn fresh_dir(d: &Path) -> Result<(), VmError> {
     let _ = std::fs::remove_dir_all(d);
     std::fs::create_dir(d).map_err(|source| VmError::SocketDir { path: d.display().to_string(), source })
+}
+
+/// The capabilities QEMU keeps (as root, every other one is out of its bounding set). NET_ADMIN:
+/// attaching to a tap made by the shim (TUNSETIFF on a tap without an owner), including taps
+/// hot-plugged after boot. With 9p QEMU serves the shared directory itself, so it also keeps what a
+/// file server needs for files of every owner (as virtiofsd does, less SETUID and SETGID, which
+/// `-sandbox` denies anyway). Nothing else: no SYS_ADMIN, SYS_PTRACE, SYS_MODULE, MKNOD, KILL,
+/// SETPCAP; it opens only root's own files and sockets (/dev/kvm, /dev/net/tun, /dev/vhost-net, the
+/// kernel, the daemons' sockets) and the descriptors it is given.
+pub fn qemu_capabilities(shared_fs: SharedFs) -> u64 {
+    use crate::daemon::cap;
+    match shared_fs {
+        SharedFs::VirtioFs => cap::NET_ADMIN,
+        SharedFs::Virtio9p => cap::NET_ADMIN | cap::CHOWN | cap::DAC_OVERRIDE | cap::DAC_READ_SEARCH | cap::FOWNER | cap::FSETID,
+    }
+}
+
+fn root_owned_socket(p: &Path) -> Result<(), VmError> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |source| VmError::SocketDir { path: p.display().to_string(), source };
+    let m = std::fs::symlink_metadata(p).map_err(err)?;
+    if !m.file_type().is_socket() {
+        return Err(err(std::io::Error::other("not a socket")));
+    }
+    std::os::unix::fs::lchown(p, Some(0), Some(0)).map_err(err)
 }
 
 fn socket_dir_owner(d: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), VmError> {
