@@ -151,6 +151,23 @@ fn valid_sandbox_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) && !id.starts_with('.')
 }
 
+/// A pod's sandbox spec without a network, IPC or PID namespace of its own is a pod that asks for the
+/// host's (CRI's NODE mode: `hostNetwork`, `hostIPC`, `hostPID`). A VM cannot share them with the
+/// host: refused here, at RunPodSandbox, by name (as Kata does), rather than given the VM's own.
+fn refuse_host_namespaces(spec: &Value) -> Result<(), SpecError> {
+    let has = |t: &str| {
+        spec.pointer("/linux/namespaces").and_then(Value::as_array).is_some_and(|a| a.iter().any(|n| n.get("type").and_then(Value::as_str) == Some(t)))
+    };
+    let wanted: Vec<&str> = [("network", "hostNetwork"), ("ipc", "hostIPC"), ("pid", "hostPID")].iter().filter(|(t, _)| !has(t)).map(|(_, k)| *k).collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    Err(SpecError::Invalid(format!(
+        "the pod asks for the host's namespaces ({}): a VM cannot share the host's network, IPC or PID namespace; run such pods with a runc RuntimeClass (docs/kubernetes.md)",
+        wanted.join(", ")
+    )))
+}
+
 /// The container's role from CRI's annotations; a sandbox's own id must be its sandbox id.
 pub fn pod_role(spec: &Value, id: &str) -> Result<PodRole, SpecError> {
     let typ = annotation(spec, CRI_CONTAINER_TYPE);
@@ -169,6 +186,7 @@ pub fn pod_role(spec: &Value, id: &str) -> Result<PodRole, SpecError> {
             if s != id {
                 return Err(SpecError::Invalid(format!("a pod's sandbox container {id} names another sandbox, {s}")));
             }
+            refuse_host_namespaces(spec)?;
             Ok(PodRole::Sandbox(s))
         }
         Some("container") => {
@@ -292,9 +310,21 @@ mod tests {
     }
 
     #[test]
+    fn a_sandbox_asking_for_host_namespaces_is_refused_by_name() {
+        let mut sb = annotated(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "p1")]);
+        sb["linux"] = serde_json::json!({"namespaces": [{"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]});
+        let e = pod_role(&sb, "p1").unwrap_err().to_string();
+        assert!(e.contains("hostNetwork, hostPID") && !e.contains("hostIPC") && e.contains("runc RuntimeClass"), "{e}");
+        // A pod's other containers and a VM's own container are not sandboxes: not refused here.
+        let c = annotated(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "p1")]);
+        assert_eq!(pod_role(&c, "c1").unwrap(), PodRole::Container("p1".into()));
+    }
+
+    #[test]
     fn cri_annotations_give_the_pod_role() {
         assert_eq!(pod_role(&serde_json::json!({}), "c1").unwrap(), PodRole::Own);
-        let sb = annotated(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "p1")]);
+        let mut sb = annotated(&[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "p1")]);
+        sb["linux"] = serde_json::json!({"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}]});
         assert_eq!(pod_role(&sb, "p1").unwrap(), PodRole::Sandbox("p1".into()));
         assert!(pod_role(&sb, "other").is_err(), "a sandbox names itself");
         let c = annotated(&[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "p1")]);
