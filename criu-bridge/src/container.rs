@@ -38,6 +38,9 @@ pub enum ContainerError {
     Exists(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A signal for a process that has exited: containerd's NotFound, as runc's shim answers.
+    #[error("process {0} already finished")]
+    Finished(String),
     #[error("{what} failed: {detail}")]
     Runc { what: String, detail: String },
     #[error("{0}: {1}")]
@@ -94,10 +97,17 @@ enum IoSetup {
     Tty(ConsoleSocket, PathBuf),
 }
 
-/// Prepares stdio for a process; `name` distinguishes console sockets in the bundle.
-fn prepare_io(terminal: bool, bundle: &Path, name: &str) -> Result<(IoSetup, Process)> {
+/// Where runc's console sockets are made (one per terminal process, while runc starts it).
+const CONSOLE_DIR: &str = "/run/kata-rs/tty";
+
+/// Prepares stdio for a process: pipes, or a terminal's console socket.
+fn prepare_io(terminal: bool) -> Result<(IoSetup, Process)> {
     if terminal {
-        let path = bundle.join(format!("console-{name}.sock"));
+        // Numbered, not named by the ids: a container id and an exec id (64 hex characters each in
+        // CRI, up to 76 in containerd) would not fit a socket path (108 bytes).
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        fs::create_dir_all(CONSOLE_DIR).map_err(io("creating the console socket directory"))?;
+        let path = Path::new(CONSOLE_DIR).join(format!("{}.sock", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let sock = ConsoleSocket::bind(&path).map_err(io("binding the console socket"))?;
         return Ok((IoSetup::Tty(sock, path), Process::new(None, None, None)));
     }
@@ -261,6 +271,11 @@ fn cgroup_dir(cgroups_path: &str) -> PathBuf {
     Path::new("/sys/fs/cgroup").join(cgroups_path.trim_start_matches('/'))
 }
 
+/// The `oom_kill` count of a cgroup v2 `memory.events` file.
+fn oom_kills(events: &str) -> u64 {
+    events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
 /// Whether the spec gives the container a PID namespace of its own (one without a path to join).
 fn has_own_pid_ns(spec: &Value) -> bool {
     spec.pointer("/linux/namespaces")
@@ -292,6 +307,8 @@ pub struct Container {
     pub netns: Option<String>,
     /// The container's cgroup, when its init has no PID namespace of its own: emptied when the init exits.
     kill_cgroup: Option<PathBuf>,
+    /// The container's cgroup (v2), read for its OOM kills.
+    cgroup: PathBuf,
 }
 
 /// Which pod a container is part of, and the namespaces it shares with the pod's sandbox container.
@@ -438,6 +455,14 @@ impl Containers {
         Containers { reaper, map: Mutex::new(HashMap::new()), criu_verdict: OnceCell::new() }
     }
 
+    /// Whether the kernel OOM-killed a process of the container's cgroup (or one below it): its
+    /// `memory.events` `oom_kill` count.
+    pub async fn oom_killed(&self, id: &str) -> bool {
+        let Ok(c) = self.get(id).await else { return false };
+        let dir = c.lock().await.cgroup.clone();
+        fs::read_to_string(dir.join("memory.events")).is_ok_and(|t| oom_kills(&t) > 0)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Arc<Mutex<Container>>> {
         self.map.lock().await.get(id).cloned().ok_or_else(|| ContainerError::NotFound(id.into()))
     }
@@ -465,7 +490,9 @@ impl Containers {
             return Err(ContainerError::Invalid(format!("rootfs {rootfs} is not a directory in the guest")));
         }
         let obj = spec.as_object_mut().ok_or_else(|| ContainerError::Invalid("OCI spec is not an object".into()))?;
-        obj.insert("root".into(), serde_json::json!({"path": rootfs, "readonly": false}));
+        // The guest's copy of the rootfs, read-only where the spec says so (CRI's readonly_rootfs).
+        let readonly = obj.get("root").and_then(|r| r.get("readonly")).and_then(Value::as_bool).unwrap_or(false);
+        obj.insert("root".into(), serde_json::json!({"path": rootfs, "readonly": readonly}));
         let linux = obj.entry("linux").or_insert_with(|| serde_json::json!({}));
         // A pod's containers in cgroups under the pod's (the sandbox container's too).
         let cgroups_path = if pod.sandbox_id.is_empty() { format!("/kata-rs/{id}") } else { format!("/kata-rs/{}/{id}", pod.sandbox_id) };
@@ -520,7 +547,7 @@ impl Containers {
         if terminal && for_restore {
             return Err(ContainerError::Invalid("restoring a terminal container is not supported yet".into()));
         }
-        let (io_setup, mut init) = prepare_io(terminal, &bundle, "init")?;
+        let (io_setup, mut init) = prepare_io(terminal)?;
         let pending = if for_restore {
             match io_setup {
                 IoSetup::Pipes(child) => Some(child),
@@ -550,7 +577,7 @@ impl Containers {
             None
         };
         let pid = init.pid();
-        let c = Container { bundle, init: Arc::new(init), execs: HashMap::new(), status: Status::Created, pending_stdio: pending, external_mounts, netns, kill_cgroup };
+        let c = Container { bundle, init: Arc::new(init), execs: HashMap::new(), status: Status::Created, pending_stdio: pending, external_mounts, netns, kill_cgroup, cgroup: cgroup_dir(&cgroups_path) };
         self.map.lock().await.insert(id.into(), Arc::new(Mutex::new(c)));
         info!(id, for_restore, pid, "container created");
         Ok(pid)
@@ -601,7 +628,7 @@ impl Containers {
         let pfile = c.bundle.join(format!("exec-{exec_id}.json"));
         let pid_file = c.bundle.join(format!("exec-{exec_id}.pid"));
         fs::write(&pfile, serde_json::to_vec(&p).unwrap()).map_err(io("writing the exec process"))?;
-        let (io_setup, mut proc_) = prepare_io(terminal, &c.bundle, exec_id)?;
+        let (io_setup, mut proc_) = prepare_io(terminal)?;
         let mut cmd_ = Command::new(RUNC);
         cmd_.args(["--root", RUNC_ROOT, "--log"])
             .arg(c.bundle.join("runc.log"))
@@ -625,14 +652,16 @@ impl Containers {
         let c = self.get(id).await?;
         let c = c.lock().await;
         if exec_id.is_empty() {
-            if c.init.exited().is_some() && !all {
-                return Err(ContainerError::Invalid(format!("container {id} has exited")));
+            // As runc's shim: a stopped init answers NotFound, `--all` or not (the rest of a container
+            // without a PID namespace of its own was killed with its init's exit).
+            if c.init.exited().is_some() {
+                return Err(ContainerError::Finished(format!("{id} (the container's init)")));
             }
             if !all {
                 // The init is this agent's (reparented) child: signalled through the reaper, at once
                 // (no runc start-up, which takes seconds under TCG while CRIU dumps) and never after
                 // it was reaped.
-                return self.reaper.signal(c.init.pid() as i32, signal).map_err(|_| ContainerError::Invalid(format!("container {id} is not running")));
+                return self.reaper.signal(c.init.pid() as i32, signal).map_err(|_| ContainerError::Finished(format!("{id} (the container's init)")));
             }
             let s = (sig).to_string();
             let mut args = vec!["kill"];
@@ -646,10 +675,10 @@ impl Containers {
         }
         let p = c.execs.get(exec_id).ok_or_else(|| ContainerError::ProcessNotFound { id: id.into(), exec_id: exec_id.into() })?;
         if p.exited().is_some() {
-            return Err(ContainerError::Invalid(format!("process {exec_id} has exited")));
+            return Err(ContainerError::Finished(format!("{id}/{exec_id}")));
         }
         // Through the reaper: never a pid that was reaped (and may have been reused) meanwhile.
-        self.reaper.signal(p.pid() as i32, signal).map_err(|_| ContainerError::Invalid(format!("process {exec_id} has exited")))
+        self.reaper.signal(p.pid() as i32, signal).map_err(|_| ContainerError::Finished(format!("{id}/{exec_id}")))
     }
 
     pub async fn pause(&self, id: &str, pause: bool) -> Result<()> {
@@ -975,6 +1004,13 @@ fn read_pid(p: &Path) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_memory_events() {
+        assert_eq!(oom_kills("low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n"), 1);
+        assert_eq!(oom_kills("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"), 0);
+        assert_eq!(oom_kills(""), 0);
+    }
 
     #[test]
     fn the_spec_joins_the_named_namespace() {

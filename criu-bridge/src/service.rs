@@ -24,7 +24,7 @@ const MAX_TAIL: u32 = 4 << 20;
 
 fn status(e: ContainerError) -> ttrpc::Error {
     let code = match &e {
-        ContainerError::NotFound(_) | ContainerError::ProcessNotFound { .. } => Code::NOT_FOUND,
+        ContainerError::NotFound(_) | ContainerError::ProcessNotFound { .. } | ContainerError::Finished(_) => Code::NOT_FOUND,
         ContainerError::Exists(_) => Code::ALREADY_EXISTS,
         ContainerError::Invalid(_) => Code::INVALID_ARGUMENT,
         ContainerError::Runc { .. } | ContainerError::Io(..) => Code::INTERNAL,
@@ -126,7 +126,8 @@ impl agent_ttrpc::Agent for AgentService {
         let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
         let e = p.wait().await;
         let since = e.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Ok(WaitProcessResponse { exit_status: e.code, exited_at_s: since.as_secs() as i64, exited_at_ns: since.subsec_nanos(), ..Default::default() })
+        let oom_killed = req.exec_id.is_empty() && self.containers.oom_killed(&req.container_id).await;
+        Ok(WaitProcessResponse { exit_status: e.code, exited_at_s: since.as_secs() as i64, exited_at_ns: since.subsec_nanos(), oom_killed, ..Default::default() })
     }
 
     async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {

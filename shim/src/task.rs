@@ -308,7 +308,15 @@ impl TaskService {
         tokio::spawn(async move {
             let req = ag::ProcessRequest { container_id: cid.clone(), exec_id: exec_id.clone(), ..Default::default() };
             let (code, reported) = match agent.call("WaitProcess", LONG, |c, ctx| async move { c.wait_process(ctx, &req).await }).await {
-                Ok(r) => (r.exit_status as u32, true),
+                Ok(r) => {
+                    if r.oom_killed && exec_id.is_empty() {
+                        // Before its exit, as runc's shim does: containerd's CRI then gives the
+                        // container the reason OOMKilled.
+                        info!(cid, "the guest kernel OOM-killed a process of the container");
+                        me.publish(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() })).await;
+                    }
+                    (r.exit_status as u32, true)
+                }
                 Err(e) => {
                     warn!(cid, exec_id, error = %e, "lost the process (VM gone?); reporting exit 255");
                     (255, false)
