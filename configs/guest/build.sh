@@ -142,7 +142,7 @@ cp -L "$S$interp" "$R$interp" 2>/dev/null || cp -L "$S/lib/x86_64-linux-gnu/$(ba
 # Kernel modules, in dependency order (modules.dep from depmod). Built-in ones are skipped.
 WANT="virtio_pci virtio_blk virtio_console 9pnet_virtio 9p fuse virtiofs vmw_vsock_virtio_transport overlay
       unix_diag inet_diag tcp_diag udp_diag af_packet_diag netlink_diag raw_diag vsock_diag
-      virtio_net veth tun autofs4 crc32c_generic nf_tables nft_ct nft_compat xt_mark nf_conntrack_netlink"
+      virtio_net veth tun bridge autofs4 crc32c_generic nf_tables nft_ct nft_compat xt_mark nf_conntrack_netlink"
 declare -A SEEN; ORDER=()
 resolve() {
   local m=$1 line f deps d
