@@ -48,6 +48,12 @@ pub struct PodSpec {
     /// One PID namespace for the pod's containers (Kubernetes' shareProcessNamespace); otherwise each
     /// container has its own, as the kubelet asks by default.
     pub share_process_namespace: bool,
+    /// The host's network, IPC and PID namespaces (Kubernetes' hostNetwork, hostIPC, hostPID: CRI's NODE).
+    pub host_network: bool,
+    pub host_ipc: bool,
+    pub host_pid: bool,
+    /// The pod may hold privileged containers (CRI refuses them in a pod that is not).
+    pub privileged: bool,
     /// The pod's memory limit (the sum of its containers' limits, as the kubelet gives it), bytes.
     pub memory_limit_bytes: Option<i64>,
     pub labels: BTreeMap<String, String>,
@@ -74,6 +80,12 @@ pub struct ContainerSpec {
     pub annotations: BTreeMap<String, String>,
     /// Host paths mounted in the container (Kubernetes' hostPath volumes, as the kubelet gives them).
     pub mounts: Vec<HostMount>,
+    /// Kubernetes' readOnlyRootFilesystem.
+    pub readonly_rootfs: bool,
+    /// Kubernetes' privileged.
+    pub privileged: bool,
+    /// The container's memory limit, bytes (swap limited to it too, as the kubelet does without swap).
+    pub memory_limit_bytes: Option<i64>,
 }
 
 /// A host path mounted in a container: CRI's Mount.
@@ -177,7 +189,7 @@ impl PodSpec {
             annotations: to_map(&self.annotations),
             linux: Some(api::LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent.clone().unwrap_or_default(),
-                security_context: Some(api::LinuxSandboxSecurityContext { namespace_options: Some(self.namespaces()), ..Default::default() }),
+                security_context: Some(api::LinuxSandboxSecurityContext { namespace_options: Some(self.namespaces()), privileged: self.privileged, ..Default::default() }),
                 resources: self.memory_limit_bytes.map(|m| api::LinuxContainerResources { memory_limit_in_bytes: m, ..Default::default() }),
                 ..Default::default()
             }),
@@ -188,8 +200,14 @@ impl PodSpec {
     /// The kubelet's namespace options: the pod's network and IPC namespaces, the PID namespace per
     /// container unless the pod shares it (CRI's zero value, POD, would share it).
     fn namespaces(&self) -> api::NamespaceOption {
+        let node_or = |host: bool, m: api::NamespaceMode| if host { api::NamespaceMode::Node } else { m } as i32;
         let pid = if self.share_process_namespace { api::NamespaceMode::Pod } else { api::NamespaceMode::Container };
-        api::NamespaceOption { network: api::NamespaceMode::Pod as i32, pid: pid as i32, ipc: api::NamespaceMode::Pod as i32, ..Default::default() }
+        api::NamespaceOption {
+            network: node_or(self.host_network, api::NamespaceMode::Pod),
+            pid: node_or(self.host_pid, pid),
+            ipc: node_or(self.host_ipc, api::NamespaceMode::Pod),
+            ..Default::default()
+        }
     }
 }
 
@@ -218,7 +236,11 @@ impl ContainerSpec {
             annotations: to_map(&self.annotations),
             log_path: self.log_path.clone(),
             mounts: self.mounts.iter().map(HostMount::to_api).collect(),
-            linux: Some(Default::default()),
+            linux: Some(api::LinuxContainerConfig {
+                security_context: Some(api::LinuxContainerSecurityContext { readonly_rootfs: self.readonly_rootfs, privileged: self.privileged, ..Default::default() }),
+                resources: self.memory_limit_bytes.map(|m| api::LinuxContainerResources { memory_limit_in_bytes: m, memory_swap_limit_in_bytes: m, ..Default::default() }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

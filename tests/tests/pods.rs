@@ -426,3 +426,81 @@ fn a_pod_whose_guest_ignores_signals_still_stops() {
     assert!(pod_netns().is_empty(), "the pod's netns went: {:?}", pod_netns());
     c.assert_clean();
 }
+
+/// What Kubernetes users get under runc, under runc and kata-rs in one containerd (issue 19):
+/// StopContainer of a container that exits on its own (before, during and after its exit: a finished
+/// process's kill is NotFound, which containerd takes as stopped), a read-only root filesystem, an
+/// OOM kill (exit 137, reason OOMKilled), a privileged container (a bridge may be made), and a
+/// pod asking for the host's network, IPC or PID namespace (runs under runc; refused by name at
+/// RunPodSandbox under kata-rs, where a VM cannot share them).
+#[test]
+fn kubernetes_cases_behave_as_under_runc() {
+    if !isolated("kubernetes_cases_behave_as_under_runc") {
+        return;
+    }
+    let c = Containerd::start_cri();
+    let cri = c.cri();
+    for handler in [RUNC_HANDLER, KATA_HANDLER] {
+        let logs = c.dir.join("pod-logs").join(handler);
+        std::fs::create_dir_all(&logs).unwrap();
+        let mut p = PodSpec::new(&format!("cases-{handler}"), handler, &logs);
+        p.privileged = true;
+        let pod = cri.run_pod_sandbox(&p).unwrap_or_else(|e| panic!("{handler}: RunPodSandbox: {e:#}"));
+        for (n, delay) in ["0", "0.5", "1"].iter().enumerate() {
+            let done = run_container(&cri, &pod, &format!("done{n}"), &format!("sleep {delay}; exit 3"));
+            if n == 2 {
+                cri.wait_container_state(&done, ContainerState::ContainerExited, T).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+            } else {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            cri.stop_container(&done, 10).unwrap_or_else(|e| panic!("{handler}: StopContainer of a container exiting after {delay} s: {e:#}"));
+            let info = cri.wait_container_state(&done, ContainerState::ContainerExited, T).unwrap();
+            assert!(info.exit_code == 3 || info.exit_code == 137, "{handler}: {info:?}");
+            cri.remove_container(&done).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        }
+        let mut spec = ContainerSpec::new("ro", IMAGE, &["sleep", "100000"]);
+        spec.readonly_rootfs = true;
+        let ro = cri.create_container(&pod, &spec).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        cri.start_container(&ro).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        let w = cri.exec_sync(&ro, &["busybox", "touch", "/written"], 60).unwrap();
+        assert!(w.exit_code != 0 && w.stderr.contains("Read-only file system"), "{handler}: a write to a read-only rootfs: {w:?}");
+        // A container over its memory limit: OOM-killed, exit 137, reason OOMKilled (containerd's CRI
+        // takes it from the TaskOOM event).
+        let mut spec = ContainerSpec::new("oom", IMAGE, &["/bin/memhog", "96"]);
+        spec.memory_limit_bytes = Some(32 << 20);
+        let oom = cri.create_container(&pod, &spec).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        cri.start_container(&oom).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        let info = cri.wait_container_state(&oom, ContainerState::ContainerExited, T).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        assert_eq!((info.exit_code, info.reason.as_str()), (137, "OOMKilled"), "{handler}: {info:?}");
+        // A privileged container may make a bridge (the guest has the module); others may not.
+        let mut spec = ContainerSpec::new("priv", IMAGE, &["sleep", "100000"]);
+        spec.privileged = true;
+        let privileged = cri.create_container(&pod, &spec).unwrap_or_else(|e| panic!("{handler}: a privileged container: {e:#}"));
+        cri.start_container(&privileged).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        let b = cri.exec_sync(&privileged, &["busybox", "brctl", "addbr", "kbr0"], 60).unwrap();
+        assert_eq!(b.exit_code, 0, "{handler}: brctl addbr in a privileged container: {b:?}");
+        let rw = run_container(&cri, &pod, "rw", "exec sleep 100000");
+        let b = cri.exec_sync(&rw, &["busybox", "brctl", "addbr", "kbr1"], 60).unwrap();
+        assert!(b.exit_code != 0 && b.stderr.contains("not permitted"), "{handler}: brctl addbr without privileges: {b:?}");
+        assert_eq!(cri.exec_sync(&rw, &["busybox", "touch", "/written"], 60).unwrap().exit_code, 0, "{handler}: the default rootfs is writable");
+        remove_pod(&cri, &pod);
+        for (what, set) in [("hostNetwork", 0), ("hostIPC", 1), ("hostPID", 2)] {
+            let mut p = PodSpec::new(&format!("host-{handler}-{set}"), handler, &logs);
+            match set {
+                0 => p.host_network = true,
+                1 => p.host_ipc = true,
+                _ => p.host_pid = true,
+            }
+            let r = cri.run_pod_sandbox(&p);
+            if handler == RUNC_HANDLER {
+                let id = r.unwrap_or_else(|e| panic!("runc: a {what} pod: {e:#}"));
+                remove_pod(&cri, &id);
+            } else {
+                let e = format!("{:#}", r.expect_err("a VM cannot share the host's namespaces"));
+                assert!(e.contains(what) && e.contains("runc RuntimeClass"), "kata-rs: a {what} pod: {e}");
+            }
+        }
+    }
+    assert!(qemus(&c).is_empty(), "no VM left");
+    c.assert_clean();
+}
