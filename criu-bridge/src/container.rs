@@ -271,6 +271,12 @@ fn cgroup_dir(cgroups_path: &str) -> PathBuf {
     Path::new("/sys/fs/cgroup").join(cgroups_path.trim_start_matches('/'))
 }
 
+/// Whether the kernel OOM-killed a process of the cgroup `dir` (or one below it): its
+/// `memory.events` `oom_kill` count.
+pub fn oom_killed_in(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("memory.events")).is_ok_and(|t| oom_kills(&t) > 0)
+}
+
 /// The `oom_kill` count of a cgroup v2 `memory.events` file.
 fn oom_kills(events: &str) -> u64 {
     events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
@@ -455,12 +461,12 @@ impl Containers {
         Containers { reaper, map: Mutex::new(HashMap::new()), criu_verdict: OnceCell::new() }
     }
 
-    /// Whether the kernel OOM-killed a process of the container's cgroup (or one below it): its
-    /// `memory.events` `oom_kill` count.
-    pub async fn oom_killed(&self, id: &str) -> bool {
-        let Ok(c) = self.get(id).await else { return false };
+    /// The container's cgroup (taken before a wait: the container's lock is not waited for after
+    /// the exit, while runc or CRIU may hold it).
+    pub async fn cgroup(&self, id: &str) -> Option<PathBuf> {
+        let c = self.get(id).await.ok()?;
         let dir = c.lock().await.cgroup.clone();
-        fs::read_to_string(dir.join("memory.events")).is_ok_and(|t| oom_kills(&t) > 0)
+        Some(dir)
     }
 
     pub async fn get(&self, id: &str) -> Result<Arc<Mutex<Container>>> {

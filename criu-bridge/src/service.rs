@@ -124,9 +124,10 @@ impl agent_ttrpc::Agent for AgentService {
 
     async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
         let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let cgroup = if req.exec_id.is_empty() { self.containers.cgroup(&req.container_id).await } else { None };
         let e = p.wait().await;
         let since = e.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let oom_killed = req.exec_id.is_empty() && self.containers.oom_killed(&req.container_id).await;
+        let oom_killed = cgroup.is_some_and(|d| crate::container::oom_killed_in(&d));
         Ok(WaitProcessResponse { exit_status: e.code, exited_at_s: since.as_secs() as i64, exited_at_ns: since.subsec_nanos(), oom_killed, ..Default::default() })
     }
 
