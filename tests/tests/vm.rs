@@ -63,10 +63,13 @@ async fn signals_reach_processes_and_exit_statuses_come_back() {
     sb.agent.call_default("SignalProcess", |c, ctx| async move { c.signal_process(ctx, &req).await }).await.unwrap();
     assert_eq!(wait_process(&sb.agent, "c1", "", T).await, 7);
 
-    // Signalling an exited process is an error that says so.
-    let req = SignalProcessRequest { container_id: "c1".into(), exec_id: "e1".into(), signal: 9, ..Default::default() };
-    let e = sb.agent.call_default("SignalProcess", |c, ctx| async move { c.signal_process(ctx, &req).await }).await.unwrap_err();
-    assert!(e.to_string().contains("has exited"), "{e}");
+    // Signalling an exited process (an exec, the init) is NotFound, as runc's shim answers: containerd
+    // takes it as stopped.
+    for exec_id in ["e1", ""] {
+        let req = SignalProcessRequest { container_id: "c1".into(), exec_id: exec_id.into(), signal: 9, ..Default::default() };
+        let e = sb.agent.call_default("SignalProcess", |c, ctx| async move { c.signal_process(ctx, &req).await }).await.unwrap_err();
+        assert!(e.to_string().contains("already finished") && e.to_string().contains("NOT_FOUND"), "{exec_id:?}: {e}");
+    }
     let req = ContainerRequest { container_id: "c1".into(), ..Default::default() };
     sb.agent.call_default("RemoveContainer", |c, ctx| async move { c.remove_container(ctx, &req).await }).await.unwrap();
     stop_and_assert_clean(sb).await;
