@@ -151,6 +151,36 @@ fn valid_sandbox_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) && !id.starts_with('.')
 }
 
+/// Whether a host mount sits below `source` (the host's /proc/self/mountinfo; the source is the
+/// host's, from containerd's spec, its symlinks followed as runc does).
+fn host_has_submounts(source: &str) -> bool {
+    let Ok(real) = std::fs::canonicalize(source) else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    mount_points_below(&info, &real.to_string_lossy())
+}
+
+/// Whether `mountinfo` lists a mount point strictly below `dir` (mount points octal-escaped).
+fn mount_points_below(mountinfo: &str, dir: &str) -> bool {
+    let prefix = format!("{}/", dir.trim_end_matches('/'));
+    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).any(|p| unescape_mountinfo(p).starts_with(&prefix))
+}
+
+fn unescape_mountinfo(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A pod's sandbox spec without a network, IPC or PID namespace of its own is a pod that asks for the
 /// host's (CRI's NODE mode: `hostNetwork`, `hostIPC`, `hostPID`). A VM cannot share them with the
 /// host: refused here, at RunPodSandbox, by name (as Kata does), rather than given the VM's own.
@@ -249,10 +279,11 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
                 out.dropped_mounts.push(dest);
                 return false;
             }
-            let Some(source) = m.get("source").and_then(Value::as_str).filter(|s| s.starts_with('/')) else {
+            let Some(source) = m.get("source").and_then(Value::as_str).filter(|s| s.starts_with('/')).map(str::to_string) else {
                 err.get_or_insert(SpecError::Invalid(format!("bind mount on {dest}: its source must be an absolute host path")));
                 return false;
             };
+            let source = source.as_str();
             if out.volumes.len() == MAX_VOLUMES {
                 err.get_or_insert(SpecError::Invalid(format!("more than {MAX_VOLUMES} bind mounts")));
                 return false;
@@ -266,6 +297,16 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
                     return false;
                 }
             };
+            let recursive = opts.iter().any(|o| o == "rbind");
+            if readonly == ReadOnly::Top && recursive && host_has_submounts(source) {
+                // OCI's `ro` is the top mount only: the host copy virtiofsd serves is read-only at its
+                // top and writable in its submounts. In the guest the whole tree is one virtio-fs
+                // mount, so a guest `ro` would make the submounts read-only too; there the guest mount
+                // stays read-write and the host refuses writes to the top (EROFS).
+                if let Some(a) = m.get_mut("options").and_then(Value::as_array_mut) {
+                    a.retain(|o| o.as_str() != Some("ro"));
+                }
+            }
             let shared_name = out.volumes.len().to_string();
             let guest_source = format!("{guest_container_dir}/volumes/{shared_name}");
             out.volumes.push(Volume {
@@ -274,7 +315,7 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
                 guest_source: guest_source.clone(),
                 shared_name,
                 readonly,
-                recursive: opts.iter().any(|o| o == "rbind"),
+                recursive,
                 propagation,
             });
             m["source"] = Value::String(guest_source);
@@ -307,6 +348,17 @@ mod tests {
     fn annotated(pairs: &[(&str, &str)]) -> Value {
         let a: serde_json::Map<String, Value> = pairs.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
         serde_json::json!({ "annotations": a })
+    }
+
+    #[test]
+    fn mount_points_below_a_directory_are_found_escaped_or_not() {
+        let info = "22 1 0:21 / / rw - ext4 /dev/vda rw\n30 22 0:40 / /data/vol rw - tmpfs t rw\n31 30 0:41 / /data/vol/my\\040sub rw - tmpfs t rw\n";
+        assert!(mount_points_below(info, "/data"));
+        assert!(mount_points_below(info, "/data/vol"));
+        assert!(mount_points_below(info, "/data/vol/"));
+        assert!(!mount_points_below(info, "/data/vol/my sub"), "its own mount point is not below it");
+        assert!(!mount_points_below(info, "/data/vo"), "a name prefix is not a directory prefix");
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
     }
 
     #[test]

@@ -430,7 +430,8 @@ fn a_pod_whose_guest_ignores_signals_still_stops() {
 /// What Kubernetes users get under runc, under runc and kata-rs in one containerd (issue 19):
 /// StopContainer of a container that exits on its own (before, during and after its exit: a finished
 /// process's kill is NotFound, which containerd takes as stopped), a read-only root filesystem, an
-/// OOM kill (exit 137, reason OOMKilled), a privileged container (a bridge may be made), and a
+/// OOM kill (exit 137, reason OOMKilled), a privileged container (a bridge may be made), a read-only
+/// hostPath whose submount stays writable and can be unmounted after the pod, and a
 /// pod asking for the host's network, IPC or PID namespace (runs under runc; refused by name at
 /// RunPodSandbox under kata-rs, where a VM cannot share them).
 #[test]
@@ -483,7 +484,24 @@ fn kubernetes_cases_behave_as_under_runc() {
         let b = cri.exec_sync(&rw, &["busybox", "brctl", "addbr", "kbr1"], 60).unwrap();
         assert!(b.exit_code != 0 && b.stderr.contains("not permitted"), "{handler}: brctl addbr without privileges: {b:?}");
         assert_eq!(cri.exec_sync(&rw, &["busybox", "touch", "/written"], 60).unwrap().exit_code, 0, "{handler}: the default rootfs is writable");
+        // A read-only hostPath (not recursive) with a submount: its top refuses writes, the submount
+        // takes them (OCI's `ro`, as runc does it); once the pod is gone the host can unmount it.
+        let src = kata_rs_tests::virtiofsd::Source::new(c.dir.join(format!("vol-{handler}")));
+        let mut spec = ContainerSpec::new("vol", IMAGE, &["sleep", "100000"]);
+        spec.mounts = vec![kata_rs_tests::cri::HostMount { host_path: src.dir.display().to_string(), container_path: "/vol".into(), readonly: true, ..Default::default() }];
+        let vol = cri.create_container(&pod, &spec).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        cri.start_container(&vol).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        let top = cri.exec_sync(&vol, &["busybox", "touch", "/vol/written"], 60).unwrap();
+        assert!(top.exit_code != 0 && top.stderr.contains("Read-only file system"), "{handler}: a write to a read-only volume's top: {top:?}");
+        let sub = cri.exec_sync(&vol, &["busybox", "touch", "/vol/sub/written"], 60).unwrap();
+        assert_eq!(sub.exit_code, 0, "{handler}: the submount of a (non-recursive) read-only volume is writable: {sub:?}");
+        assert!(src.dir.join("sub/written").is_file(), "{handler}: the write reached the host's submount");
+        std::fs::remove_file(src.dir.join("sub/written")).unwrap();
         remove_pod(&cri, &pod);
+        src.assert_intact(handler);
+        let o = std::process::Command::new("umount").arg(src.dir.join("sub")).output().unwrap();
+        assert!(o.status.success(), "{handler}: the host unmounts the volume's submount once the pod is gone: {}", String::from_utf8_lossy(&o.stderr));
+        drop(src);
         for (what, set) in [("hostNetwork", 0), ("hostIPC", 1), ("hostPID", 2)] {
             let mut p = PodSpec::new(&format!("host-{handler}-{set}"), handler, &logs);
             match set {
