@@ -1,7 +1,7 @@
 //! End-to-end tests: real containerd + ctr + kata-rs shim + QEMU guest + runc.
 use std::time::Duration;
 
-use kata_rs_tests::{containerd::*, read_counter, wait_counter};
+use kata_rs_tests::{containerd::*, wait_counter};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -47,9 +47,12 @@ async fn run_detached_exec_ps_metrics_pause_resume_kill_rm() {
     // pause: the counter stops; resume: it continues.
     c.ctr_ok(&["task", "pause", "k1"]);
     assert_eq!(c.task_status("k1").as_deref(), Some("PAUSED"));
-    let frozen = read_counter(&count);
+    // Its content, not a number: frozen between `echo`'s truncation and its write, the file stays
+    // empty for the whole pause.
+    let frozen = std::fs::read_to_string(&count).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(read_counter(&count), frozen, "counter advanced while paused");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), frozen, "counter advanced while paused");
+    let frozen: u64 = frozen.trim().parse().unwrap_or(0);
     c.ctr_ok(&["task", "resume", "k1"]);
     assert_eq!(c.task_status("k1").as_deref(), Some("RUNNING"));
     wait_counter(&count, frozen + 5, T).await;

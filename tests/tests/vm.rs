@@ -84,9 +84,12 @@ async fn pause_freezes_the_counter_and_resume_continues_it() {
     let req = ContainerRequest { container_id: "c1".into(), ..Default::default() };
     let r2 = req.clone();
     sb.agent.call_default("PauseContainer", |c, ctx| async move { c.pause_container(ctx, &r2).await }).await.unwrap();
-    let frozen = read_counter(&count);
+    // Its content, not a number: frozen between `echo`'s truncation and its write, the file stays
+    // empty for the whole pause.
+    let frozen = std::fs::read_to_string(&count).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(read_counter(&count), frozen, "the counter advanced while paused");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), frozen, "the counter advanced while paused");
+    let frozen: u64 = frozen.trim().parse().unwrap_or(0);
     let pids = sb.agent.call_default("ListProcesses", |c, ctx| { let r = req.clone(); async move { c.list_processes(ctx, &r).await } }).await.unwrap().pids;
     assert!(!pids.is_empty(), "runc ps lists the container's processes");
     let r2 = req.clone();
@@ -112,9 +115,11 @@ async fn qmp_stop_cont_and_quit() {
     qmp.stop().await.unwrap();
     assert_eq!(next_event(&mut events).await, VmEvent::Stop);
     assert_eq!(qmp.query_status().await.unwrap(), (false, "paused".to_string()));
-    let frozen = read_counter(&count);
+    // Its content, not a number (the guest may have stopped between `echo`'s truncation and its write).
+    let frozen = std::fs::read_to_string(&count).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(read_counter(&count), frozen, "the guest ran while QEMU was stopped");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), frozen, "the guest ran while QEMU was stopped");
+    let frozen: u64 = frozen.trim().parse().unwrap_or(0);
     qmp.cont().await.unwrap();
     assert_eq!(next_event(&mut events).await, VmEvent::Resume);
     assert_eq!(qmp.query_status().await.unwrap(), (true, "running".to_string()));
