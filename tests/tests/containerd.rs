@@ -16,14 +16,14 @@ async fn run_detached_exec_ps_metrics_pause_resume_kill_rm() {
         // A background sleep that lives as long as the task: the metrics then count two processes
         // whenever they are read (the loop's own `sleep 0.1` exists only between its iterations: a
         // reading between two of them saw one, once in CI).
-        &["sh", "-c", "echo hello-from-kata-rs; sleep 100000 & i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"],
+        &["sh", "-c", "echo hello-from-kata-rs; sleep 100000 & i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.1; done"],
     );
     assert_eq!(c.task_status("k1").as_deref(), Some("RUNNING"));
     let count = c.rootfs("k1").join("count");
     wait_counter(&count, 3, T).await;
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello-from-kata-rs\n", "run -d output (log URI)");
 
-    // exec: output and exit code come back.
+    // exec: output and exit code come back (the count is renamed into place, never seen half-written).
     let n: u64 = c.ctr_ok(&["task", "exec", "--exec-id", "e1", "k1", "cat", "/count"]).trim().parse().unwrap();
     assert!(n >= 3);
     let o = c.ctr(&["task", "exec", "--exec-id", "e2", "k1", "sh", "-c", "echo to-err >&2; exit 6"]);

@@ -16,7 +16,8 @@ use kata_rs_tests::{
 const T: Duration = Duration::from_secs(120);
 
 const WEB: &str = "mkdir -p /www && echo kata-rs-pod > /www/index.html && echo web-started && exec httpd -f -p 80 -h /www";
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo count $i; sleep 1; done";
+// The count is renamed into place: a reader never sees the file between its truncation and its write.
+const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; busybox mv /tmp/count.new /tmp/count; echo count $i; sleep 1; done";
 
 /// QEMU processes of this containerd's kata-rs runtime root.
 fn qemus(c: &Containerd) -> Vec<u32> {
