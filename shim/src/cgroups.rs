@@ -202,6 +202,28 @@ impl HostCgroup {
         }
     }
 
+    /// Like [`HostCgroup::remove`], once the VM's stopped processes have left: a directory that is still
+    /// busy is tried again for up to `wait` (a process's exit leaves its cgroup shortly after the
+    /// process was seen to end).
+    pub async fn remove_when_empty(&self, wait: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        for d in self.created.iter().rev() {
+            loop {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                    }
+                    Err(e) => {
+                        warn!(dir = %d.display(), error = %e, procs = ?leftover(d), "removing the VM's host cgroup");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Writes the directories this made to `vm_dir`'s [`RECORD_FILE`] (a host-only directory).
     pub fn record(&self, vm_dir: &Path) {
         let text = serde_json::to_vec(&self.created).unwrap_or_default();
@@ -209,6 +231,13 @@ impl HostCgroup {
             warn!(dir = %vm_dir.display(), error = %e, "recording the VM's host cgroup (a cleanup after a dead shim would leave it)");
         }
     }
+}
+
+/// The first processes still in cgroup directory `d` (for the log of a removal that failed).
+fn leftover(d: &Path) -> String {
+    let mut s = String::new();
+    let _ = std::fs::File::open(d.join("cgroup.procs")).and_then(|f| std::io::Read::read_to_string(&mut std::io::Read::take(f, 256), &mut s));
+    s.split_whitespace().collect::<Vec<_>>().join(",")
 }
 
 /// The file in a VM's directory naming the cgroup directories made for it, so that the cleanup after

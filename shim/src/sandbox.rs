@@ -284,7 +284,7 @@ impl Sandbox {
             self.vm.shutdown().await;
         }
         if let Some(cg) = &self.host_cgroup {
-            cg.remove();
+            cg.remove_when_empty(std::time::Duration::from_secs(2)).await;
         }
         drop(self.shared);
         remove_sandbox_dir(&self.dir);

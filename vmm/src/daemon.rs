@@ -229,8 +229,19 @@ impl Daemon {
         self.child.try_wait().ok().flatten()
     }
 
-    /// Waits for the process to exit by itself for up to `grace`, then kills it; always reaps.
+    /// Waits for the process to exit by itself for up to `grace`, then kills it; always reaps. The
+    /// processes it forked (virtiofsd's sandboxed server is its child, ended by its parent-death
+    /// signal) are gone too when this returns: each gets up to a second to exit, then SIGKILL.
     pub async fn stop(mut self, grace: Duration) -> std::process::ExitStatus {
+        let forked = descendants(self.pid);
+        let status = self.stop_self(grace).await;
+        for (pid, fd) in forked {
+            end_process(self.name, pid, fd).await;
+        }
+        status
+    }
+
+    async fn stop_self(&mut self, grace: Duration) -> std::process::ExitStatus {
         if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
             return status;
         }
@@ -251,6 +262,48 @@ impl Daemon {
         if self.pid != 0 {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGTERM);
         }
+    }
+}
+
+/// The live descendants of `pid` (the children of each of its threads, recursively), each held by a
+/// pidfd. A child read from its parent's list can only be reaped by that parent, which is alive here.
+fn descendants(pid: u32) -> Vec<(u32, std::os::fd::OwnedFd)> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    // Bounded: a daemon forks one or two processes; a runaway tree is not followed further.
+    while let Some(p) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                if found.len() >= 64 {
+                    return found;
+                }
+                if let Ok(fd) = crate::watch::pidfd_open(c) {
+                    found.push((c, fd));
+                    queue.push(c);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Waits up to a second for a process (held by `fd`) to exit, then kills it and waits up to another.
+async fn end_process(name: &'static str, pid: u32, fd: std::os::fd::OwnedFd) {
+    use tokio::io::{unix::AsyncFd, Interest};
+    // SAFETY: the pidfd is owned and registered once, as the watcher does.
+    let Ok(fd) = (unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) else { return };
+    async fn exited(fd: &AsyncFd<std::os::fd::OwnedFd>) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), fd.readable()).await.is_ok()
+    }
+    if exited(&fd).await {
+        return;
+    }
+    warn!(name, pid, "a process forked by the daemon outlived it by a second; killing it");
+    let _ = crate::watch::pidfd_kill(fd.get_ref(), libc::SIGKILL);
+    if !exited(&fd).await {
+        warn!(name, pid, "a process forked by the daemon did not exit after SIGKILL");
     }
 }
 
@@ -278,6 +331,32 @@ pub fn kill_recorded(pids: &[u32], marker: &str) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    /// A daemon whose forked child outlives it (as virtiofsd's sandboxed server briefly does): the
+    /// stop returns only once that child is gone too.
+    #[tokio::test]
+    async fn a_stop_ends_what_the_daemon_forked() {
+        let dir = std::env::temp_dir().join(format!("kata-rs-daemon-fork-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let d = super::Daemon::spawn("forker", std::path::Path::new("/bin/sh"), &["-c".into(), script], dir.join("log")).unwrap();
+        let start = std::time::Instant::now();
+        let pid = loop {
+            if let Some(p) = std::fs::read_to_string(&pidfile).ok().and_then(|t| t.trim().parse::<u32>().ok()) {
+                break p;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "the child never started");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let fd = crate::watch::pidfd_open(pid).unwrap();
+        d.stop(std::time::Duration::ZERO).await;
+        // Exited: its pidfd is readable (a zombie of whoever reaps it now, or reaped).
+        let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no wait.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 1, "the daemon's child {pid} still runs after the stop");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_sandbox_directory_does_not_match_a_longer_one() {
         use super::names_dir;

@@ -37,7 +37,7 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// `pidfd_send_signal(2)`.
-fn pidfd_kill(fd: &OwnedFd, sig: libc::c_int) -> std::io::Result<()> {
+pub(crate) fn pidfd_kill(fd: &OwnedFd, sig: libc::c_int) -> std::io::Result<()> {
     // SAFETY: a plain syscall on a descriptor we hold; a null siginfo is allowed.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
     if r < 0 {
