@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod criu_stats;
 pub mod error;
+pub mod events;
 pub mod hooks;
 pub mod metrics;
 pub mod mounts;

@@ -14,7 +14,7 @@ use containerd_shim::{
     asynchronous::{publisher::RemotePublisher, ExitSignal},
     protos::{
         events::task::*,
-        protobuf::{well_known_types::timestamp::Timestamp, MessageDyn},
+        protobuf::well_known_types::timestamp::Timestamp,
         shim_async::Task,
         topics::*,
         ttrpc::{self, r#async::TtrpcContext},
@@ -32,6 +32,7 @@ use crate::{
     checkpoint::{self, Staging, CHECKPOINT_DIR},
     config::Config,
     error::TaskError,
+    events::{self, Events},
     hooks, mounts, network,
     safefs::Dir,
     sandbox::Sandbox,
@@ -263,8 +264,7 @@ pub struct TaskService {
     /// Create requests while their VM boots or their container is made (the state lock is not held
     /// meanwhile): State answers "created" for them, a second Create of the same id is refused.
     creating: Arc<std::sync::Mutex<HashMap<String, CreateTaskRequest>>>,
-    publisher: Arc<RemotePublisher>,
-    namespace: String,
+    events: Events,
     exit: Arc<ExitSignal>,
     /// Held while the host ends a VM itself ([`Self::force_exit`]): Shutdown waits for it.
     ending: Arc<Mutex<()>>,
@@ -275,8 +275,7 @@ impl TaskService {
         TaskService {
             state: Arc::new(Mutex::new(Shim::default())),
             creating: Arc::default(),
-            publisher: Arc::new(publisher),
-            namespace,
+            events: Events::new(events::Containerd { publisher, namespace }),
             exit,
             ending: Arc::default(),
         }
@@ -296,11 +295,6 @@ impl TaskService {
         }
     }
 
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Err(e) = self.publisher.publish(ttrpc::context::Context::default(), topic, &self.namespace, event).await {
-            warn!(topic, error = %e, "publishing event failed");
-        }
-    }
 
     /// Waits for a started process to exit, lets its output drain, then records and publishes the exit.
     fn spawn_waiter(&self, agent: AgentClient, cid: String, exec_id: String) {
@@ -313,7 +307,7 @@ impl TaskService {
                         // Before its exit, as runc's shim does: containerd's CRI then gives the
                         // container the reason OOMKilled.
                         info!(cid, "the guest kernel OOM-killed a process of the container");
-                        me.publish(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() })).await;
+                        me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
                     }
                     (r.exit_status as u32, true)
                 }
@@ -344,28 +338,31 @@ impl TaskService {
     /// Records a process's exit and publishes it, once: whichever of its waiter and the VM watcher
     /// comes first reports it.
     async fn record_exit(&self, cid: &str, exec_id: &str, code: u32) {
-        let (cid, host_pid, ts, code) = {
-            let mut g = self.state.lock().await;
-            let Some(st) = g.task_mut(cid) else { return };
-            let (cid, host_pid) = (st.id.clone(), st.host_pid);
-            let Ok(p) = st.proc_mut(exec_id) else { return };
-            if p.exit_rx.borrow().is_some() {
-                return;
-            }
-            let ts = timestamp().unwrap_or_default();
-            let code = if p.ended_by_host { KILLED_STATUS } else { code };
-            p.status = PStatus::Stopped;
-            p.abort_io();
-            let _ = p.exit_tx.send(Some((code, ts.clone())));
-            (cid, host_pid, ts, code)
-        };
+        let mut g = self.state.lock().await;
+        let Some(st) = g.task_mut(cid) else { return };
+        let host_pid = st.host_pid;
+        let Ok(p) = st.proc_mut(exec_id) else { return };
+        if p.exit_rx.borrow().is_some() {
+            return;
+        }
+        let code = if p.ended_by_host { KILLED_STATUS } else { code };
+        p.abort_io();
+        self.commit_exit(p, cid, exec_id, host_pid, code);
+        drop(g);
         info!(cid, exec_id, code, "process exited");
-        let id = if exec_id.is_empty() { cid.clone() } else { exec_id.to_string() };
-        self.publish(
+    }
+
+    /// The one place a process becomes Stopped (under the shim's lock): its exit is kept for Wait,
+    /// State and Delete, and its TaskExit queued after every event of the process before it.
+    fn commit_exit(&self, p: &mut Proc, cid: &str, exec_id: &str, host_pid: u32, code: u32) {
+        let ts = timestamp().unwrap_or_default();
+        p.status = PStatus::Stopped;
+        let _ = p.exit_tx.send(Some((code, ts.clone())));
+        let id = if exec_id.is_empty() { cid } else { exec_id };
+        self.events.queue(
             TASK_EXIT_EVENT_TOPIC,
-            Box::new(TaskExit { container_id: cid, id, pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }),
-        )
-        .await;
+            Box::new(TaskExit { container_id: cid.into(), id: id.into(), pid: host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() }),
+        );
     }
 
     /// After a SIGKILL: the process exits within [`KILL_GRACE`], or the host ends it ([`Self::force_exit`]).
@@ -886,6 +883,27 @@ impl Task for TaskService {
                     g.vm = Some(vm);
                 }
                 g.tasks.insert(st.id.clone(), st);
+                // Queued with the task's creation (before any event of its start), even if the
+                // caller has gone.
+                me.events.queue(
+                    TASK_CREATE_EVENT_TOPIC,
+                    Box::new(TaskCreate {
+                        container_id: r2.id.clone(),
+                        bundle: r2.bundle.clone(),
+                        rootfs: r2.rootfs.clone(),
+                        io: Some(TaskIO {
+                            stdin: r2.stdin.clone(),
+                            stdout: r2.stdout.clone(),
+                            stderr: r2.stderr.clone(),
+                            terminal: r2.terminal,
+                            ..Default::default()
+                        })
+                        .into(),
+                        checkpoint: r2.checkpoint.clone(),
+                        pid,
+                        ..Default::default()
+                    }),
+                );
                 (pid, gone)
             })
         })
@@ -895,26 +913,6 @@ impl Task for TaskService {
         if let Some(gone) = gone {
             self.spawn_vm_watch(gone);
         }
-        self.publish(
-            TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: Some(TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                })
-                .into(),
-                checkpoint: req.checkpoint.clone(),
-                pid,
-                ..Default::default()
-            }),
-        )
-        .await;
         Ok(CreateTaskResponse { pid, ..Default::default() })
     }
 
@@ -1031,9 +1029,7 @@ impl Task for TaskService {
         let mut p = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         p.spec = req.spec.value.clone();
         st.execs.insert(req.exec_id.clone(), p);
-        let cid = st.id.clone();
-        drop(g);
-        self.publish(TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(TaskExecAdded { container_id: cid, exec_id: req.exec_id, ..Default::default() })).await;
+        self.events.queue(TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(TaskExecAdded { container_id: st.id.clone(), exec_id: req.exec_id, ..Default::default() }));
         Ok(Empty::new())
     }
 
@@ -1141,11 +1137,10 @@ impl Task for TaskService {
         if let Some((list, state)) = poststop {
             hooks::run_all_warn("poststop", &list, &state).await;
         }
-        self.publish(
+        self.events.queue(
             TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete { container_id: cid.clone(), pid, exit_status: code, exited_at: Some(ts.clone()).into(), id: cid, ..Default::default() }),
-        )
-        .await;
+        );
         Ok(DeleteResponse { pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() })
     }
 
@@ -1163,6 +1158,7 @@ impl Task for TaskService {
         drop(g);
         // A VM the host is ending itself finishes its teardown first.
         drop(self.ending.lock().await);
+        self.events.flush(Duration::from_secs(5)).await;
         self.exit.signal();
         Ok(Empty::new())
     }
@@ -1383,25 +1379,11 @@ impl TaskService {
             Ok(pid) => pid,
             Err(e) if restore => {
                 // Nothing can run in this VM any more: stop it now, and report the task stopped.
-                p.status = PStatus::Stopped;
-                let ts = timestamp().unwrap_or_default();
-                let _ = p.exit_tx.send(Some((RESTORE_FAILED_STATUS, ts.clone())));
+                self.commit_exit(p, &cid, "", host_pid, RESTORE_FAILED_STATUS);
                 let creating = !self.creating_lock().is_empty();
                 TaskService::release(&mut g, &cid, creating).await;
                 drop(g);
                 warn!(cid, error = %e, "restore failed; the container is out of the VM (the VM stopped unless other containers of its pod run in it)");
-                self.publish(
-                    TASK_EXIT_EVENT_TOPIC,
-                    Box::new(TaskExit {
-                        container_id: cid.clone(),
-                        id: cid.clone(),
-                        pid: host_pid,
-                        exit_status: RESTORE_FAILED_STATUS,
-                        exited_at: Some(ts).into(),
-                        ..Default::default()
-                    }),
-                )
-                .await;
                 return Err(e);
             }
             Err(e) => {
@@ -1413,7 +1395,15 @@ impl TaskService {
         };
         p.guest_pid = guest_pid;
         p.status = PStatus::Running;
-        if !req.exec_id.is_empty() {
+        // Queued as Running is committed: the process's TaskExit (queued under this lock too, by its
+        // waiter or the VM's watcher) comes after it, however soon the process exits.
+        if req.exec_id.is_empty() {
+            self.events.queue(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid.clone(), pid: host_pid, ..Default::default() }));
+        } else {
+            self.events.queue(
+                TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted { container_id: cid.clone(), exec_id: req.exec_id.clone(), pid: host_pid, ..Default::default() }),
+            );
             p.start_io(&agent, &cid, &req.exec_id);
         }
         let poststart = (req.exec_id.is_empty() && !st.hooks.poststart.is_empty()).then(|| (st.hooks.poststart.clone(), st.hook_state("running")));
@@ -1422,14 +1412,8 @@ impl TaskService {
             hooks::run_all_warn("poststart", &list, &state).await;
         }
         info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
-        let pid = host_pid;
-        self.spawn_waiter(agent, cid.clone(), req.exec_id.clone());
-        if req.exec_id.is_empty() {
-            self.publish(TASK_START_EVENT_TOPIC, Box::new(TaskStart { container_id: cid, pid, ..Default::default() })).await;
-        } else {
-            self.publish(TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(TaskExecStarted { container_id: cid, exec_id: req.exec_id, pid, ..Default::default() })).await;
-        }
-        Ok(StartResponse { pid, ..Default::default() })
+        self.spawn_waiter(agent, cid, req.exec_id);
+        Ok(StartResponse { pid: host_pid, ..Default::default() })
     }
 
     /// The restore of a task created from a checkpoint (its Start): CRIU restore in the guest from the
@@ -1606,12 +1590,10 @@ impl TaskService {
             st.agent.call_default("ResumeContainer", |c, ctx| async move { c.resume_container(ctx, &r).await }).await.map_err(agent_err)?;
         }
         st.init.status = if pause { PStatus::Paused } else { PStatus::Running };
-        let cid = st.id.clone();
-        drop(g);
         if pause {
-            self.publish(TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: cid, ..Default::default() })).await;
+            self.events.queue(TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: st.id.clone(), ..Default::default() }));
         } else {
-            self.publish(TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: cid, ..Default::default() })).await;
+            self.events.queue(TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: st.id.clone(), ..Default::default() }));
         }
         Ok(Empty::new())
     }
