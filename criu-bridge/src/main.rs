@@ -4,13 +4,19 @@
 //! load modules, bring up `lo`, mount the shared directory, then serve the agent protocol on vsock.
 //! With `kata_rs.probe=1` on the kernel command line it only prints a marker and powers off
 //! (the host's KVM probe).
+mod bundle;
 mod cmd;
 mod container;
+mod criu;
+mod error;
 mod fdio;
 mod init;
 mod network;
+mod process;
 mod reaper;
+mod runc;
 mod service;
+mod state;
 
 use std::sync::Arc;
 

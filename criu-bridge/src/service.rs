@@ -27,7 +27,8 @@ fn status(e: ContainerError) -> ttrpc::Error {
         ContainerError::NotFound(_) | ContainerError::ProcessNotFound { .. } | ContainerError::Finished(_) => Code::NOT_FOUND,
         ContainerError::Exists(_) => Code::ALREADY_EXISTS,
         ContainerError::Invalid(_) => Code::INVALID_ARGUMENT,
-        ContainerError::Runc { .. } | ContainerError::Io(..) => Code::INTERNAL,
+        ContainerError::Precondition(_) => Code::FAILED_PRECONDITION,
+        ContainerError::Runc { .. } | ContainerError::TimedOut { .. } | ContainerError::Io(..) => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
 }
@@ -56,7 +57,7 @@ impl AgentService {
                     o.map(|o| o.stdout.lines().next().unwrap_or("").trim().to_string()).unwrap_or_else(|e| format!("unavailable: {e}"))
                 };
                 let runc = first_line(cmd::run(r, crate::container::RUNC, &["--version".into()], Some(Duration::from_secs(10))).await);
-                let criu = first_line(cmd::run(r, "/usr/sbin/criu", &["--version".into()], Some(Duration::from_secs(10))).await);
+                let criu = first_line(cmd::run(r, crate::criu::CRIU, &["--version".into()], Some(Duration::from_secs(10))).await);
                 (runc, criu)
             })
             .await
@@ -123,11 +124,11 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
-        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
-        let cgroup = if req.exec_id.is_empty() { self.containers.cgroup(&req.container_id).await } else { None };
+        let p = self.containers.process(&req.container_id, &req.exec_id).map_err(status)?;
+        let cgroup = if req.exec_id.is_empty() { self.containers.cgroup(&req.container_id) } else { None };
         let e = p.wait().await;
         let since = e.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let oom_killed = cgroup.is_some_and(|d| crate::container::oom_killed_in(&d));
+        let oom_killed = cgroup.is_some_and(|d| crate::bundle::oom_killed_in(&d));
         Ok(WaitProcessResponse { exit_status: e.code, exited_at_s: since.as_secs() as i64, exited_at_ns: since.subsec_nanos(), oom_killed, ..Default::default() })
     }
 
@@ -174,19 +175,19 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStreamRequest) -> ttrpc::Result<WriteStreamResponse> {
-        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let p = self.containers.process(&req.container_id, &req.exec_id).map_err(status)?;
         let len = p.write_stdin(&req.data).await.map_err(status)? as u32;
         Ok(WriteStreamResponse { len, ..Default::default() })
     }
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
-        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let p = self.containers.process(&req.container_id, &req.exec_id).map_err(status)?;
         p.close_stdin().await;
         Ok(Empty::new())
     }
 
     async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
-        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let p = self.containers.process(&req.container_id, &req.exec_id).map_err(status)?;
         p.resize(req.rows.min(u16::MAX as u32) as u16, req.cols.min(u16::MAX as u32) as u16).map_err(status)?;
         Ok(Empty::new())
     }
@@ -211,7 +212,7 @@ impl agent_ttrpc::Agent for AgentService {
         let r = &self.containers.reaper;
         let mut args = vec!["check".to_string()];
         args.extend(req.args.iter().cloned());
-        let out = cmd::run(r, "/usr/sbin/criu", &args, Some(Duration::from_secs(120))).await.map_err(|e| internal(format!("running criu: {e}")))?;
+        let out = cmd::run(r, crate::criu::CRIU, &args, Some(Duration::from_secs(120))).await.map_err(|e| internal(format!("running criu: {e}")))?;
         let (_, criu_version) = self.versions().await.clone();
         Ok(CriuCheckResponse {
             exit_code: if out.timed_out { -1 } else { out.code },
@@ -231,7 +232,7 @@ impl agent_ttrpc::Agent for AgentService {
 
 impl AgentService {
     async fn read_stream(&self, req: ReadStreamRequest, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
-        let p = self.containers.process(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let p = self.containers.process(&req.container_id, &req.exec_id).map_err(status)?;
         let data = p.read(stderr, req.max_len.max(1) as usize).await.map_err(status)?;
         let eof = data.is_empty();
         Ok(ReadStreamResponse { data, eof, ..Default::default() })
