@@ -17,9 +17,11 @@ pub enum TaskError {
     /// The request itself is wrong (bundle, options, checkpoint directory, configuration).
     #[error("{0}")]
     Invalid(String),
-    /// The process cannot be reached (its VM is gone).
+    /// The task's VM is gone (QEMU exited, the guest panicked, shut down or reset, or the host ended
+    /// it): whatever the path that learnt it, containerd gets one code, FAILED_PRECONDITION, as for a
+    /// process that is no longer running. The text says why the VM went.
     #[error("{0}")]
-    Unavailable(String),
+    VmGone(String),
     /// A guest agent call failed; the guest's status code is a typed value.
     #[error(transparent)]
     Agent(AgentError),
@@ -37,7 +39,7 @@ impl TaskError {
             TaskError::Exists(_) => Code::ALREADY_EXISTS,
             TaskError::Precondition(_) => Code::FAILED_PRECONDITION,
             TaskError::Invalid(_) => Code::INVALID_ARGUMENT,
-            TaskError::Unavailable(_) => Code::UNAVAILABLE,
+            TaskError::VmGone(_) | TaskError::Agent(AgentError::VmGone { .. }) => Code::FAILED_PRECONDITION,
             TaskError::Agent(e) => match e.guest_code() {
                 Some(c @ (Code::NOT_FOUND | Code::INVALID_ARGUMENT | Code::ALREADY_EXISTS | Code::FAILED_PRECONDITION)) => c,
                 _ => Code::INTERNAL,
@@ -58,8 +60,8 @@ impl TaskError {
     pub fn invalid(m: impl Into<String>) -> ttrpc::Error {
         TaskError::Invalid(m.into()).into()
     }
-    pub fn unavailable(m: impl Into<String>) -> ttrpc::Error {
-        TaskError::Unavailable(m.into()).into()
+    pub fn vm_gone(m: impl Into<String>) -> ttrpc::Error {
+        TaskError::VmGone(m.into()).into()
     }
     pub fn internal(m: impl Into<String>) -> ttrpc::Error {
         TaskError::Internal(m.into()).into()
@@ -89,7 +91,7 @@ mod tests {
         assert_eq!(code_of(TaskError::exists("x")), Code::ALREADY_EXISTS);
         assert_eq!(code_of(TaskError::precondition("x")), Code::FAILED_PRECONDITION);
         assert_eq!(code_of(TaskError::invalid("x")), Code::INVALID_ARGUMENT);
-        assert_eq!(code_of(TaskError::unavailable("x")), Code::UNAVAILABLE);
+        assert_eq!(code_of(TaskError::vm_gone("x")), Code::FAILED_PRECONDITION);
         assert_eq!(code_of(TaskError::internal("x")), Code::INTERNAL);
     }
 
@@ -101,5 +103,14 @@ mod tests {
         // A guest claiming UNAUTHENTICATED or writing "NOT_FOUND" into its text changes nothing.
         assert_eq!(rpc(Code::UNAUTHENTICATED, "").code(), Code::INTERNAL);
         assert_eq!(rpc(Code::INTERNAL, "code: NOT_FOUND").code(), Code::INTERNAL);
+    }
+
+    #[test]
+    fn a_gone_vm_has_one_code_whichever_path_learnt_it() {
+        let from_agent = TaskError::Agent(AgentError::VmGone { method: "ExecProcess", reason: "QEMU exited".into() });
+        assert_eq!(from_agent.code(), Code::FAILED_PRECONDITION);
+        assert_eq!(TaskError::VmGone("the VM is gone".into()).code(), Code::FAILED_PRECONDITION);
+        // A guest that times out is not a gone VM.
+        assert_eq!(TaskError::Agent(AgentError::Timeout { method: "M", timeout: std::time::Duration::from_secs(1) }).code(), Code::INTERNAL);
     }
 }

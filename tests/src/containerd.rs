@@ -102,6 +102,14 @@ fn mkimage(out: &Path, name: &str, extras: &[String], cmd: Option<&str>) {
 
 /// The OCI image tar of the test image: the guest image's busybox plus /bin/memhog (tests/images/memhog.c,
 /// built static here) and the blank /count it writes. Rebuilt when memhog.c or the busybox binary is newer than the tar.
+/// The status code of a failed shim call (None when it failed without a status: a transport error).
+pub fn rpc_code(e: &containerd_shim::protos::ttrpc::Error) -> Option<containerd_shim::protos::ttrpc::Code> {
+    match e {
+        containerd_shim::protos::ttrpc::Error::RpcStatus(s) => Some(s.code()),
+        _ => None,
+    }
+}
+
 pub fn busybox_image() -> PathBuf {
     let _g = IMAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = images_dir();

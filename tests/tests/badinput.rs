@@ -8,10 +8,12 @@ use std::{
 };
 
 use containerd_shim::protos::{
-    api::{CheckpointTaskRequest, CreateTaskRequest, DeleteRequest, StartRequest},
+    api::{
+        CheckpointTaskRequest, CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, ResizePtyRequest, ResumeRequest, StartRequest, StateRequest,
+    },
     protobuf::{well_known_types::any::Any, Message},
     shim::oci::CheckpointOptions,
-    ttrpc::context,
+    ttrpc::{context, Code},
 };
 use kata_rs_tests::{containerd::*, guest_dir, wait_file};
 
@@ -134,6 +136,44 @@ async fn bad_bundles_checkpoint_directories_and_images_get_one_clear_error() {
     ckpt(&shim, "m1", &c.dir.join("unused2"), Some(&by_option)).expect("runc's image_path in a missing directory is created");
     assert!(by_option.join("inventory.img").is_file());
     assert_eq!(c.task_status("m1").as_deref(), Some("RUNNING"), "the task runs on after every refused checkpoint");
+
+    // Each refusal's status code, as containerd maps it to its errdefs (not only the text).
+    let ctx = || context::with_timeout(30_000_000_000);
+    let code = |r: Result<(), containerd_shim::protos::ttrpc::Error>| match r {
+        Ok(()) => panic!("the call was refused"),
+        Err(e) => (rpc_code(&e), e.to_string()),
+    };
+    let state = |id: &str, exec_id: &str| StateRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+    let (k, e) = code(shim.state(ctx(), &state("m1", "no-such-exec")).map(drop));
+    assert_eq!(k, Some(Code::NOT_FOUND), "{e}");
+    let (k, e) = code(shim.kill(ctx(), &KillRequest { id: "no-such-task".into(), signal: 15, ..Default::default() }).map(drop));
+    assert_eq!(k, Some(Code::NOT_FOUND), "{e}");
+    let (k, e) = code(shim.start(ctx(), &StartRequest { id: "m1".into(), ..Default::default() }).map(drop));
+    assert_eq!(k, Some(Code::FAILED_PRECONDITION), "a second Start: {e}");
+    let (k, e) = code(shim.delete(ctx(), &DeleteRequest { id: "m1".into(), ..Default::default() }).map(drop));
+    assert_eq!(k, Some(Code::FAILED_PRECONDITION), "Delete of a running task: {e}");
+    let (k, e) = code(shim.resume(ctx(), &ResumeRequest { id: "m1".into(), ..Default::default() }).map(drop));
+    assert_eq!(k, Some(Code::FAILED_PRECONDITION), "Resume of a running task: {e}");
+    let bad_opts = Any { type_url: "example.com/NotCheckpointOptions".into(), value: vec![1, 2, 3], ..Default::default() };
+    let req = CheckpointTaskRequest { id: "m1".into(), path: c.dir.join("unused3").display().to_string(), options: Some(bad_opts).into(), ..Default::default() };
+    let (k, e) = code(shim.checkpoint(ctx(), &req).map(drop));
+    assert_eq!(k, Some(Code::INVALID_ARGUMENT), "checkpoint options of another type: {e}");
+    // The guest's own code, passed through the host's whitelist: the init has no terminal to resize.
+    let (k, e) = code(shim.resize_pty(ctx(), &ResizePtyRequest { id: "m1".into(), width: 80, height: 24, ..Default::default() }).map(drop));
+    assert_eq!(k, Some(Code::INVALID_ARGUMENT), "{e}");
+    assert!(e.contains("no terminal"), "{e}");
+    let process = br#"{"args": ["/bin/busybox", "true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#;
+    let exec = ExecProcessRequest {
+        id: "m1".into(),
+        exec_id: "e1".into(),
+        spec: Some(Any { type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(), value: process.to_vec(), ..Default::default() }).into(),
+        ..Default::default()
+    };
+    shim.exec(ctx(), &exec).expect("a first exec e1");
+    let (k, e) = code(shim.exec(ctx(), &exec).map(drop));
+    assert_eq!(k, Some(Code::ALREADY_EXISTS), "a second exec e1: {e}");
+    shim.delete(ctx(), &DeleteRequest { id: "m1".into(), exec_id: "e1".into(), ..Default::default() }).expect("deleting the exec that never started");
+    assert_eq!(c.task_status("m1").as_deref(), Some("RUNNING"), "the task runs on after every refusal");
 
     // A bundle without config.json.
     let b = bundle(&c, "nospec", None);

@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use containerd_shim::protos::{api::CheckpointTaskRequest, ttrpc::context};
+use containerd_shim::protos::{
+    api::{CheckpointTaskRequest, StatsRequest},
+    ttrpc::{context, Code},
+};
 use kata_rs_tests::{containerd::*, wait_counter, wait_file};
 
 const T: Duration = Duration::from_secs(120);
@@ -44,12 +47,13 @@ fn wait_path(path: &Path, limit: Duration) {
 }
 
 /// The shim's Checkpoint into `dir`, in a thread.
-fn checkpoint_in_thread(c: &Containerd, id: &str, dir: PathBuf) -> std::thread::JoinHandle<Result<(), String>> {
+/// A failure comes back as its status code and text.
+fn checkpoint_in_thread(c: &Containerd, id: &str, dir: PathBuf) -> std::thread::JoinHandle<Result<(), (Option<Code>, String)>> {
     let shim = c.shim_client(id);
     let id = id.to_string();
     std::thread::spawn(move || {
         let req = CheckpointTaskRequest { id, path: dir.display().to_string(), ..Default::default() };
-        shim.checkpoint(context::with_timeout(0), &req).map(|_| ()).map_err(|e| e.to_string())
+        shim.checkpoint(context::with_timeout(0), &req).map(|_| ()).map_err(|e| (rpc_code(&e), e.to_string()))
     })
 }
 
@@ -128,12 +132,17 @@ async fn calls_answer_during_checkpoint_and_restore_and_a_dead_vm_is_reported() 
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
-    let e = h.join().unwrap().expect_err("a checkpoint whose VM died must fail");
-    eprintln!("checkpoint with QEMU killed: {e} (after {:?})", killed_at.elapsed());
+    let (code, e) = h.join().unwrap().expect_err("a checkpoint whose VM died must fail");
+    eprintln!("checkpoint with QEMU killed: {code:?} {e} (after {:?})", killed_at.elapsed());
     assert!(e.contains("the VM is gone") && e.contains("QEMU"), "{e}");
+    assert_eq!(code, Some(Code::FAILED_PRECONDITION), "the VM-gone code: {e}");
     assert!(killed_at.elapsed() < Duration::from_secs(10), "the failure came {:?} after QEMU died", killed_at.elapsed());
     assert_eq!(std::fs::read_dir(&ck).map(|r| r.count()).unwrap_or(0), 0, "no partial image");
     c.wait_status("m1", "STOPPED", Duration::from_secs(10));
+    // A call that needs the gone VM gets the same code, through the agent's path.
+    let e = c.shim_client("m1").stats(context::with_timeout(0), &StatsRequest { id: "m1".into(), ..Default::default() }).expect_err("stats of a dead VM");
+    assert_eq!(rpc_code(&e), Some(Code::FAILED_PRECONDITION), "{e}");
+    assert!(e.to_string().contains("the VM is gone"), "{e}");
     let (took, o) = timed(&c, &["task", "kill", "m1"]);
     assert!(took < Duration::from_secs(1) && !o.status.success(), "Kill of the dead task fails fast: {took:?}");
     c.ctr_ok(&["task", "rm", "m1"]);
@@ -403,7 +412,7 @@ async fn a_checkpoint_into_a_full_filesystem_fails_cleanly() {
     let _u = Unmount(tiny.clone());
     let target = tiny.join("ck");
     std::fs::create_dir(&target).unwrap();
-    let e = checkpoint_in_thread(&c, "f1", target.clone()).join().unwrap().expect_err("1 MiB cannot hold 64 MiB of images");
+    let (_, e) = checkpoint_in_thread(&c, "f1", target.clone()).join().unwrap().expect_err("1 MiB cannot hold 64 MiB of images");
     eprintln!("checkpoint into a full tmpfs: {e}");
     assert!(e.contains("No space left on device") && e.contains(&target.display().to_string()), "{e}");
     assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "no partial image");

@@ -63,7 +63,7 @@ fn many_checkpoints_and_cycles_leak_nothing() {
     // The bundle keeps the CRIU logs and reports of the last checkpoints only, the newest among them.
     let names: Vec<String> = std::fs::read_dir(c.bundle("l1")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     let logs: Vec<&String> = names.iter().filter(|n| n.starts_with("criu-dump-") && n.ends_with(".log")).collect();
-    let kept = kata_rs_shim::task::KEPT_DUMP_FILES as usize;
+    let kept = kata_rs_shim::checkpoint::report::KEPT_DUMP_FILES as usize;
     assert_eq!(logs.len(), kept, "{names:?}");
     assert_eq!(names.iter().filter(|n| n.starts_with("criu-dump-") && n.ends_with(".stats.json")).count(), kept, "{names:?}");
     assert!(logs.iter().any(|n| *n == "criu-dump-20.log") && !logs.iter().any(|n| *n == "criu-dump-12.log"), "{names:?}");

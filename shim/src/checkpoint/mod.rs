@@ -8,6 +8,10 @@ use std::{
 
 use tracing::warn;
 
+mod dump;
+pub mod report;
+mod restore;
+
 use crate::safefs::{self, Copied, Dir, Limits, SafeFsError};
 
 use containerd_shim::protos::{
