@@ -271,7 +271,8 @@ impl TaskService {
     pub(crate) async fn task_create(&self, req: CreateTaskRequest) -> ttrpc::Result<CreateTaskResponse> {
         let parsed = parse_create(&req)?;
         {
-            let g = self.state.lock().await;
+            let mut g = self.state.lock().await;
+            g.used = true;
             let mut creating = self.creating_lock();
             if g.tasks.contains_key(&req.id) || creating.contains_key(&req.id) {
                 return Err(TaskError::exists(format!("task {} exists already", req.id)));

@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 mod exit;
 pub mod hooks;
+pub mod info;
 mod lifecycle;
 pub mod metrics;
 pub mod mounts;

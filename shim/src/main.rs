@@ -1,6 +1,6 @@
 //! containerd-shim-kata-rs-v2: the binary containerd runs for runtime `io.containerd.kata-rs.v2`.
 //!
-//! `check` and `--version` are ours; everything else is the containerd shim protocol
+//! `check` and `--version` are ours, `-info` is containerd 2.x's question about the runtime (`info.rs`); everything else is the containerd shim protocol
 //! (`start`, `delete`, and serving the task API), run by the `containerd-shim` crate.
 use std::{fs::OpenOptions, os::unix::fs::OpenOptionsExt, process::ExitCode, sync::Mutex};
 
@@ -8,7 +8,7 @@ use anyhow::Context;
 use kata_rs_shim::{check, shimcmd, Config};
 
 fn usage() -> &'static str {
-    "usage: containerd-shim-kata-rs-v2 [--version | check [--config FILE] | <containerd shim flags> [start|delete]]"
+    "usage: containerd-shim-kata-rs-v2 [--version | -info | check [--config FILE] | <containerd shim flags> [start|delete]]"
 }
 
 fn filter(default: &str) -> tracing_subscriber::EnvFilter {
@@ -55,6 +55,16 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("containerd-shim-kata-rs-v2 check: {e:#}");
                     ExitCode::from(2)
+                }
+            };
+        }
+        // containerd 2.x: the runtime's RuntimeInfo (its OCI features) for the options on stdin.
+        Some("-info") | Some("--info") => {
+            return match kata_rs_shim::info::run(std::io::stdin().lock(), std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("containerd-shim-kata-rs-v2 -info: {e}");
+                    ExitCode::from(1)
                 }
             };
         }

@@ -78,6 +78,8 @@ pub(crate) struct Shim {
     pub(crate) tasks: HashMap<String, TaskState>,
     /// Checkpoints made in this VM so far: numbers their staging directories and logs.
     pub(crate) checkpoints: u32,
+    /// A Create has reached this shim (see [`UNUSED_SHIM_EXIT`]).
+    pub(crate) used: bool,
 }
 
 impl Shim {
@@ -161,6 +163,12 @@ pub(crate) async fn sync_network(net: &mut network::Network, vm: &vmm::Vm, agent
     }
 }
 
+/// A shim that no Create has reached this long after it started exits by itself. containerd 2.x starts
+/// the shim before it checks the runtime's features (`-info`) and, when the check fails (a spec with
+/// idmapped mounts), returns without ending the shim (containerd's `TaskManager.Create`); nothing else
+/// would end it.
+pub(crate) const UNUSED_SHIM_EXIT: Duration = Duration::from_secs(30);
+
 /// The shared directory and CRIU's work directories as the guest sees them.
 pub(crate) const GUEST_SHARED: &str = "/run/kata-rs/shared";
 
@@ -194,6 +202,20 @@ impl TaskService {
             exit,
             ending: Arc::default(),
         }
+    }
+
+    /// Ends the shim at `after` if no Create has reached it by then ([`UNUSED_SHIM_EXIT`]).
+    pub fn exit_if_unused(&self, after: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let g = me.state.lock().await;
+            if !g.used && g.tasks.is_empty() && g.vm.is_none() && me.creating_lock().is_empty() {
+                tracing::warn!(after = ?after, "no Create reached this shim since it started: it exits (containerd refused the task before creating it?)");
+                drop(g);
+                me.exit.signal();
+            }
+        });
     }
 
     pub(crate) fn creating_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CreateTaskRequest>> {

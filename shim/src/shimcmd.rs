@@ -98,6 +98,8 @@ impl Shim for KataShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService::new(publisher, self.namespace.clone(), self.exit.clone())
+        let service = TaskService::new(publisher, self.namespace.clone(), self.exit.clone());
+        service.exit_if_unused(crate::runtime::UNUSED_SHIM_EXIT);
+        service
     }
 }

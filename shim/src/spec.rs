@@ -49,7 +49,7 @@ pub enum Propagation {
 
 /// The volume options that decide its host copy: read-only-ness and propagation. Other options
 /// (nosuid, nodev, noexec, ...) are the guest's runc's to apply; the host copy is always nosuid,nodev.
-fn volume_options(dest: &str, opts: &[String]) -> Result<(ReadOnly, Propagation), SpecError> {
+pub(crate) fn volume_options(dest: &str, opts: &[String]) -> Result<(ReadOnly, Propagation), SpecError> {
     let has = |o: &str| opts.iter().any(|x| x == o);
     let readonly = if has("rro") {
         ReadOnly::Recursive
@@ -63,6 +63,11 @@ fn volume_options(dest: &str, opts: &[String]) -> Result<(ReadOnly, Propagation)
         let p = match o.as_str() {
             "rprivate" | "private" | "runbindable" | "unbindable" => Propagation::Private,
             "rslave" | "slave" => Propagation::Slave,
+            "idmap" | "ridmap" => {
+                return Err(SpecError::Invalid(format!(
+                    "bind mount on {dest}: option {o}: idmapped mounts are not supported by kata-rs (the guest's runc 1.1 cannot make them)"
+                )))
+            }
             "rshared" | "shared" => {
                 return Err(SpecError::Invalid(format!(
                     "bind mount on {dest}: propagation {o} (Kubernetes' Bidirectional) cannot work across a VM: mounts made in the guest never reach the host; use rslave (HostToContainer) or rprivate"
@@ -272,6 +277,13 @@ pub fn adapt_for_guest(config_json: &[u8], guest_container_dir: &str) -> Result<
         mounts.retain_mut(|m| {
             let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
             let dest = m.get("destination").and_then(Value::as_str).unwrap_or("?").to_string();
+            if m.get("uidMappings").is_some() || m.get("gidMappings").is_some() {
+                // runc 1.1 in the guest would ignore them: the files would keep the host's owners.
+                err.get_or_insert(SpecError::Invalid(format!(
+                    "mount on {dest}: uidMappings/gidMappings (an idmapped mount) are not supported by kata-rs (the guest's runc 1.1 cannot make them)"
+                )));
+                return false;
+            }
             if GUEST_MOUNT_TYPES.contains(&typ) {
                 return true;
             }
@@ -477,6 +489,8 @@ mod tests {
         let e = o(&["rbind", "rro", "rslave"]).unwrap_err().to_string();
         assert!(e.contains("rro with rslave"), "{e}");
         assert_eq!(o(&["bind", "slave"]).unwrap(), (ReadOnly::No, Propagation::Slave));
+        let e = o(&["rbind", "idmap"]).unwrap_err().to_string();
+        assert!(e.contains("idmap") && e.contains("/d"), "{e}");
         let e = o(&["rbind", "rshared"]).unwrap_err().to_string();
         assert!(e.contains("rshared") && e.contains("/d") && e.contains("rslave"), "{e}");
         let e = o(&["rbind", "rslave", "rprivate"]).unwrap_err().to_string();
@@ -485,6 +499,13 @@ mod tests {
         s["mounts"][4]["options"] = serde_json::json!(["rbind", "shared"]);
         let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap_err();
         assert!(e.to_string().contains("/data") && e.to_string().contains("shared"), "{e}");
+        // An idmapped mount, of a volume or of a mount made in the guest, is refused by name.
+        for n in [4, 2] {
+            let mut s = sample();
+            s["mounts"][n]["uidMappings"] = serde_json::json!([{"containerID": 0, "hostID": 1000, "size": 1}]);
+            let e = adapt_for_guest(&serde_json::to_vec(&s).unwrap(), DIR).unwrap_err().to_string();
+            assert!(e.contains("uidMappings") && e.contains(s["mounts"][n]["destination"].as_str().unwrap()), "{e}");
+        }
     }
 
     #[test]

@@ -227,3 +227,92 @@ async fn a_runtime_option_names_the_configuration_file() {
     let _ = c.ctr(&["container", "rm", "k7"]);
     c.assert_clean();
 }
+
+/// Decodes a `RuntimeInfo` and checks what it says kata-rs honours.
+fn assert_kata_rs_runtime_info(bytes: &[u8]) {
+    use containerd_shim::protos::{protobuf::Message, types::introspection::RuntimeInfo};
+    let info = RuntimeInfo::parse_from_bytes(bytes).expect("a RuntimeInfo");
+    assert_eq!(info.name, "io.containerd.kata-rs.v2");
+    let f = info.features.as_ref().expect("features");
+    assert_eq!(f.type_url, "types.containerd.io/opencontainers/runtime-spec/1/features/Features");
+    let doc: serde_json::Value = serde_json::from_slice(&f.value).expect("the features document is JSON");
+    let opts: Vec<&str> = doc["mountOptions"].as_array().expect("mountOptions").iter().filter_map(|v| v.as_str()).collect();
+    assert!(opts.contains(&"rro") && opts.contains(&"ro") && opts.contains(&"rprivate") && opts.contains(&"rslave"), "{opts:?}");
+    assert!(!opts.contains(&"rshared") && !opts.contains(&"idmap"), "refused options reported: {opts:?}");
+    assert_eq!(doc["linux"]["mountExtensions"]["idmap"]["enabled"], false, "{doc}");
+}
+
+/// containerd 2.x asks a runtime what it honours (`<shim> -info`, through its introspection service)
+/// before it creates a spec with idmapped mounts, and CRI (2.2.7 and later for non-runc runtimes)
+/// before it allows `recursiveReadOnly`. kata-rs answers with its own OCI features: `rro` yes, idmapped
+/// mounts no. A spec with an idmapped mount is refused before any VM boots: by containerd from those
+/// features (2.x), by the shim, by name (1.x, which does not ask).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_info_states_what_kata_rs_honours_and_idmapped_mounts_are_refused() {
+    use containerd_client::{
+        services::v1::{containers_client::ContainersClient, introspection_client::IntrospectionClient, GetContainerRequest, PluginInfoRequest, UpdateContainerRequest},
+        tonic::Request,
+        types::RuntimeRequest,
+        with_namespace,
+    };
+    use prost::Message as _;
+    const NS: &str = "default";
+    let c = Containerd::start();
+    // The binary as containerd runs it: no options on stdin.
+    let shim = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/containerd-shim-kata-rs-v2");
+    let o = std::process::Command::new(&shim).arg("-info").stdin(std::process::Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_kata_rs_runtime_info(&o.stdout);
+    let major = c.ctr_major();
+    let channel = containerd_client::connect(&c.address).await.expect("connecting to containerd's gRPC socket");
+    if major >= 2 {
+        // containerd's own path to it: PluginInfo of the runtime plugin, for runtime io.containerd.kata-rs.v2.
+        let req = RuntimeRequest { runtime_path: RUNTIME.into(), options: None };
+        let options = prost_types::Any { type_url: "containerd.types.RuntimeRequest".into(), value: req.encode_to_vec() };
+        let resp = IntrospectionClient::new(channel.clone())
+            .plugin_info(PluginInfoRequest { r#type: "io.containerd.runtime.v2".into(), id: "task".into(), options: Some(options) })
+            .await
+            .expect("PluginInfo of io.containerd.runtime.v2/task for kata-rs")
+            .into_inner();
+        assert_kata_rs_runtime_info(&resp.extra.expect("PluginInfo's extra").value);
+    }
+
+    // A container whose spec has an idmapped bind mount (ctr cannot make one: the spec is updated).
+    c.ctr_ok(&["container", "create", "--runtime", RUNTIME, IMAGE, "im1", "true"]);
+    let mut containers = ContainersClient::new(channel);
+    let mut ct = containers.get(with_namespace!(GetContainerRequest { id: "im1".into() }, NS)).await.expect("Get").into_inner().container.expect("container");
+    let spec = ct.spec.as_mut().expect("spec");
+    let mut doc: serde_json::Value = serde_json::from_slice(&spec.value).unwrap();
+    let src = c.dir.join("idmapped");
+    std::fs::create_dir_all(&src).unwrap();
+    let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    doc["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/idm", "type": "bind", "source": src, "options": ["rbind"], "uidMappings": map, "gidMappings": map,
+    }));
+    spec.value = serde_json::to_vec(&doc).unwrap();
+    containers
+        .update(with_namespace!(UpdateContainerRequest { container: Some(ct), update_mask: Some(prost_types::FieldMask { paths: vec!["spec".into()] }) }, NS))
+        .await
+        .expect("Update of the spec");
+    let fifo = c.dir.join("fifo").display().to_string();
+    let o = c.ctr(&["task", "start", "-d", "--fifo-dir", &fifo, "im1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "an idmapped mount was accepted");
+    if major >= 2 {
+        assert!(err.contains("idmap") && err.contains("mountExtensions"), "containerd 2.x refuses from kata-rs's features: {err}");
+        // containerd started the shim before its check and leaves it running; no Create reached it, so
+        // it exits by itself, and no VM was booted.
+        let shims = || c.leftovers().into_iter().filter(|l| l.starts_with("shim ") && l.contains("-id im1 ")).count();
+        assert_eq!(shims(), 1, "containerd 2.x no longer leaves the refused task's shim: {:?}", c.leftovers());
+        let start = std::time::Instant::now();
+        while shims() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(60), "the unused shim did not exit: {:?}", c.leftovers());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    } else {
+        assert!(err.contains("/idm") && err.contains("uidMappings") && err.contains("not supported by kata-rs"), "the shim refuses by name: {err}");
+    }
+    assert!(c.task_status("im1").is_none(), "a task was left: {:?}", c.task_status("im1"));
+    c.ctr_ok(&["container", "rm", "im1"]);
+    c.assert_clean();
+}
