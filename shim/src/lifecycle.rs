@@ -22,35 +22,20 @@ use crate::{
 impl TaskService {
     /// Takes task `id` out of the VM, once: the agent removes its container and its mounts are undone;
     /// the VM stops when no other task is left in it. The task stays listed (for Delete to report).
-    pub(crate) async fn release(g: &mut Shim, id: &str, creating: bool) {
-        // A container being created in the VM counts: the VM stays for it.
-        let others = creating || g.tasks.iter().any(|(k, t)| k != id && !t.released);
-        let Some(st) = g.tasks.get_mut(id) else {
+    /// Under the lock only the decision is made (the task is marked released, what it needs is moved
+    /// out); the agent call (up to 30 s) and the VM's stop run without the lock, the latter holding
+    /// [`TaskService::ending`] so that Shutdown waits for it.
+    pub(crate) async fn release(&self, mut g: tokio::sync::MutexGuard<'_, Shim>, id: &str, creating: bool) {
+        let Some(r) = Release::take(&mut g, id, creating) else {
             return;
         };
-        if st.released {
-            return;
-        }
-        st.released = true;
-        // Images staged for a restore that never ran (deleted before Start).
-        if let Some(s) = st.restore_staging.take() {
-            s.remove();
-        }
-        if st.vm_gone.is_none() {
-            let req = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
-            if let Err(e) = st.agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await {
-                warn!(id, error = %e, "the agent could not remove the container");
-            }
-        }
-        if others {
-            st.mounts.teardown_in_running_vm(&st.shared);
-        } else if let Some(vm) = g.vm.take() {
-            let id = vm.id.clone();
-            vm.stop(Some(&st.mounts)).await;
-            info!(vm = %id, "VM stopped: no task left in it");
-        } else {
-            st.mounts.teardown();
-        }
+        let ending = r.vm.is_some().then(|| self.ending.clone());
+        let _ending = match ending {
+            Some(m) => Some(m.lock_owned().await),
+            None => None,
+        };
+        drop(g);
+        r.finish().await;
     }
 
     /// Start of a task's init or exec, or the restore of a task created from a checkpoint.
@@ -106,8 +91,7 @@ impl TaskService {
                 // Nothing can run in this VM any more: stop it now, and report the task stopped.
                 self.commit_exit(p, &cid, "", host_pid, RESTORE_FAILED_STATUS);
                 let creating = !self.creating_lock().is_empty();
-                TaskService::release(&mut g, &cid, creating).await;
-                drop(g);
+                self.release(g, &cid, creating).await;
                 warn!(cid, error = %e, "restore failed; the container is out of the VM (the VM stopped unless other containers of its pod run in it)");
                 return Err(e);
             }
@@ -141,24 +125,45 @@ impl TaskService {
         Ok(StartResponse { pid: host_pid, ..Default::default() })
     }
 
+    /// Pause or Resume: the state moves to Pausing/Resuming under the lock, the agent call runs without
+    /// it (State, Kill and the pod's other containers answer meanwhile), and the result is committed
+    /// unless the process exited in between (its exit wins).
     pub(crate) async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<Empty> {
+        let (want_from, during, to) =
+            if pause { (PStatus::Running, PStatus::Pausing, PStatus::Paused) } else { (PStatus::Paused, PStatus::Resuming, PStatus::Running) };
+        let (agent, cid) = {
+            let mut g = self.state.lock().await;
+            let st = g.task_mut(id).ok_or_else(|| self.no_task(id))?;
+            if st.init.status != want_from {
+                return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
+            }
+            st.init.status = during;
+            (st.agent.clone(), st.id.clone())
+        };
+        let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
+        let result = if pause {
+            agent.call_default("PauseContainer", |c, ctx| async move { c.pause_container(ctx, &r).await }).await
+        } else {
+            agent.call_default("ResumeContainer", |c, ctx| async move { c.resume_container(ctx, &r).await }).await
+        };
         let mut g = self.state.lock().await;
-        let st = g.task_mut(id).ok_or_else(|| self.no_task(id))?;
-        let want_from = if pause { PStatus::Running } else { PStatus::Paused };
-        if st.init.status != want_from {
-            return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
+        let st = g.task_mut(&cid).ok_or_else(|| TaskError::not_found(format!("task {cid} was deleted while it was paused or resumed")))?;
+        if st.init.status != during {
+            // It exited meanwhile (or its VM went away: then the agent's error says so).
+            return Err(match result {
+                Err(e) => agent_err(e),
+                Ok(_) => TaskError::not_found(format!("task {cid} exited while it was paused or resumed")),
+            });
         }
-        let r = ag::ContainerRequest { container_id: st.id.clone(), ..Default::default() };
-        if pause {
-            st.agent.call_default("PauseContainer", |c, ctx| async move { c.pause_container(ctx, &r).await }).await.map_err(agent_err)?;
-        } else {
-            st.agent.call_default("ResumeContainer", |c, ctx| async move { c.resume_container(ctx, &r).await }).await.map_err(agent_err)?;
+        if let Err(e) = result {
+            st.init.status = want_from;
+            return Err(agent_err(e));
         }
-        st.init.status = if pause { PStatus::Paused } else { PStatus::Running };
+        st.init.status = to;
         if pause {
-            self.events.queue(TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: st.id.clone(), ..Default::default() }));
+            self.events.queue(TASK_PAUSED_EVENT_TOPIC, Box::new(TaskPaused { container_id: cid, ..Default::default() }));
         } else {
-            self.events.queue(TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: st.id.clone(), ..Default::default() }));
+            self.events.queue(TASK_RESUMED_EVENT_TOPIC, Box::new(TaskResumed { container_id: cid, ..Default::default() }));
         }
         Ok(Empty::new())
     }
@@ -240,7 +245,8 @@ impl TaskService {
         let cid = st.id.clone();
         let poststop = (!st.hooks.poststop.is_empty()).then(|| (st.hooks.poststop.clone(), st.hook_state("stopped")));
         let creating = !self.creating_lock().is_empty();
-        TaskService::release(&mut g, &cid, creating).await;
+        self.release(g, &cid, creating).await;
+        let mut g = self.state.lock().await;
         g.tasks.remove(&cid);
         let left = g.tasks.len();
         drop(g);
@@ -263,14 +269,68 @@ impl TaskService {
             info!(tasks = g.tasks.len(), "shutdown asked while tasks remain: the shim stays");
             return Ok(Empty::new());
         }
-        if let Some(vm) = g.vm.take() {
+        let vm = g.vm.take();
+        drop(g);
+        if let Some(vm) = vm {
             vm.stop(None).await;
         }
-        drop(g);
         // A VM the host is ending itself finishes its teardown first.
         drop(self.ending.lock().await);
         self.events.flush(Duration::from_secs(5)).await;
         self.exit.signal();
         Ok(Empty::new())
+    }
+}
+
+/// What the release of one task does once the lock is dropped (see [`TaskService::release`]).
+pub(crate) struct Release {
+    id: String,
+    /// The agent, unless the VM is gone.
+    agent: Option<agent_client::AgentClient>,
+    mounts: crate::mounts::ContainerMounts,
+    shared: std::sync::Arc<crate::safefs::Dir>,
+    /// Other tasks (or a create) stay in the VM: only this container's mounts go.
+    others: bool,
+    /// The VM, when no other task is left in it: stopped.
+    vm: Option<PodVm>,
+}
+
+impl Release {
+    /// Under the lock: marks the task released (once) and moves out what its release needs.
+    fn take(g: &mut Shim, id: &str, creating: bool) -> Option<Release> {
+        // A container being created in the VM counts: the VM stays for it.
+        let others = creating || g.tasks.iter().any(|(k, t)| k != id && !t.released);
+        let st = g.tasks.get_mut(id)?;
+        if st.released {
+            return None;
+        }
+        st.released = true;
+        // Images staged for a restore that never ran (deleted before Start).
+        if let Some(s) = st.restore_staging.take() {
+            s.remove();
+        }
+        let agent = st.vm_gone.is_none().then(|| st.agent.clone());
+        let (mounts, shared) = (st.mounts.take(), st.shared.clone());
+        let vm = if others { None } else { g.vm.take() };
+        Some(Release { id: id.to_string(), agent, mounts, shared, others, vm })
+    }
+
+    async fn finish(mut self) {
+        let id = self.id.as_str();
+        if let Some(agent) = &self.agent {
+            let req = ag::ContainerRequest { container_id: id.to_string(), ..Default::default() };
+            if let Err(e) = agent.call("RemoveContainer", Duration::from_secs(30), |c, ctx| async move { c.remove_container(ctx, &req).await }).await {
+                warn!(id, error = %e, "the agent could not remove the container");
+            }
+        }
+        if self.others {
+            self.mounts.teardown_in_running_vm(&self.shared);
+        } else if let Some(vm) = self.vm {
+            let vm_id = vm.id.clone();
+            vm.stop(Some(&self.mounts)).await;
+            info!(vm = %vm_id, "VM stopped: no task left in it");
+        } else {
+            self.mounts.teardown();
+        }
     }
 }

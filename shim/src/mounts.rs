@@ -176,6 +176,11 @@ impl ContainerMounts {
         Ok(())
     }
 
+    /// Moves the mounts out (for their teardown without the shim's lock); this one is left empty.
+    pub fn take(&mut self) -> ContainerMounts {
+        ContainerMounts { bundle_rootfs: self.bundle_rootfs.take(), id: self.id.clone(), shared_mounts: std::mem::take(&mut self.shared_mounts) }
+    }
+
     /// Unmounts the bundle's rootfs (lazily, so a busy mount never blocks cleanup). Idempotent.
     ///
     /// The mounts in the shared directory stay: they go with the shared directory's tmpfs

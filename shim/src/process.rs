@@ -16,7 +16,11 @@ pub(crate) enum PStatus {
     /// Start of a task created from a checkpoint is restoring it; reported as created.
     Restoring,
     Running,
+    /// Pause is in the guest (the shim's lock is not held meanwhile); reported as pausing.
+    Pausing,
     Paused,
+    /// Resume is in the guest; reported as paused until it has returned.
+    Resuming,
     Stopped,
 }
 
@@ -34,7 +38,9 @@ pub(crate) fn can_delete(id: &str, status: PStatus) -> Result<(), TaskError> {
     match status {
         PStatus::Created | PStatus::Stopped => Ok(()),
         PStatus::Starting | PStatus::Restoring => Err(TaskError::Precondition(format!("{id} is being started; delete it when its start has ended"))),
-        PStatus::Running | PStatus::Paused => Err(TaskError::Precondition(format!("{id} is still running; kill it first"))),
+        PStatus::Running | PStatus::Pausing | PStatus::Paused | PStatus::Resuming => {
+            Err(TaskError::Precondition(format!("{id} is still running; kill it first")))
+        }
     }
 }
 
@@ -125,6 +131,9 @@ pub(crate) fn checkpointable(id: &str, status: PStatus, restore_pending: bool) -
             Err(TaskError::Precondition(format!("task {id} is Created (from a checkpoint, not yet restored): start it before checkpointing it")))
         }
         PStatus::Starting | PStatus::Restoring => Err(TaskError::Precondition(format!("task {id} is being started: checkpoint it once it runs"))),
+        PStatus::Pausing | PStatus::Resuming => {
+            Err(TaskError::Precondition(format!("task {id} is being paused or resumed: checkpoint it once that has returned")))
+        }
         PStatus::Created => {
             Err(TaskError::Precondition(format!("task {id} is Created: start it before checkpointing it; only a running or paused task can be checkpointed")))
         }
@@ -136,7 +145,8 @@ pub(crate) fn status_of(s: PStatus) -> Status {
     match s {
         PStatus::Created | PStatus::Starting | PStatus::Restoring => Status::CREATED,
         PStatus::Running => Status::RUNNING,
-        PStatus::Paused => Status::PAUSED,
+        PStatus::Pausing => Status::PAUSING,
+        PStatus::Paused | PStatus::Resuming => Status::PAUSED,
         PStatus::Stopped => Status::STOPPED,
     }
 }
@@ -159,6 +169,15 @@ mod tests {
         assert!(can_delete("task c", PStatus::Running).unwrap_err().to_string().contains("kill it first"));
         assert_eq!(status_of(PStatus::Restoring), Status::CREATED);
         assert!(checkpointable("c", PStatus::Restoring, false).unwrap_err().to_string().contains("being started"));
+        // Pause and Resume in the guest: still running for Delete and Start, not checkpointable, and
+        // containerd sees PAUSING, then PAUSED until Resume has returned.
+        for s in [PStatus::Pausing, PStatus::Resuming] {
+            assert!(can_delete("task c", s).unwrap_err().to_string().contains("kill it first"));
+            assert!(can_start("c", "", s).is_err());
+            assert!(checkpointable("c", s, false).unwrap_err().to_string().contains("being paused or resumed"));
+        }
+        assert_eq!(status_of(PStatus::Pausing), Status::PAUSING);
+        assert_eq!(status_of(PStatus::Resuming), Status::PAUSED);
     }
 
     #[test]

@@ -458,7 +458,8 @@ async fn a_restore_whose_caller_gives_up_leaves_nothing() {
 
 /// A guest that never answers (QEMU SIGSTOPped: no vCPU, no device runs) cannot refuse to die:
 /// `ctr task kill -s KILL` returns, the host ends the VM itself and reports exit 137, `ctr task rm`
-/// works, all within 30 s, and nothing is left.
+/// works, all within 30 s, and nothing is left. A Pause stuck in that guest holds nothing: State
+/// answers meanwhile (PAUSING) and the kill goes through; the Pause then fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_that_never_answers_is_still_killed_and_removed() {
     let c = Containerd::start();
@@ -467,10 +468,19 @@ async fn a_guest_that_never_answers_is_still_killed_and_removed() {
     c.wait_status("fz1", "RUNNING", T);
     let qemu = task_pid(&c, "fz1");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu as i32), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (ctr, address) = (c.ctr_path(), c.address.clone());
+    let pause = std::thread::spawn(move || std::process::Command::new(ctr).args(["--address", &address, "task", "pause", "fz1"]).output().unwrap());
+    // State answers while the Pause waits for the guest: the task shows PAUSING, not a stale RUNNING
+    // after the Pause gave up.
+    c.wait_status("fz1", "PAUSING", T);
+    assert!(!pause.is_finished(), "the Pause returned although the guest is frozen: {:?}", pause.join().map(|o| stderr(&o)));
     let start = Instant::now();
     let o = c.ctr(&["task", "kill", "-s", "KILL", "fz1"]);
     eprintln!("kill of a frozen guest answered after {:?}: {} {}", start.elapsed(), o.status, stderr(&o));
     assert!(o.status.success(), "the kill is done by the host when the guest does not answer: {}", stderr(&o));
+    let paused = pause.join().unwrap();
+    assert!(!paused.status.success(), "the Pause of a VM the host ended succeeded");
+    eprintln!("the stuck Pause: {}", stderr(&paused));
     assert_ended_by_host(&c, &ev, "fz1", qemu, start);
 }
 
