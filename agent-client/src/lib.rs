@@ -25,5 +25,11 @@ pub use transport::{Transport, TransportError};
 /// The vsock port the guest agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// The longest the agent takes to answer WaitOom (a long poll); the host's deadline for the call is
+/// this plus [`OOM_WAIT_SLACK`].
+pub const OOM_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(20);
+/// What the host adds to [`OOM_WAIT_MAX`] for its WaitOom deadline (a loaded TCG guest answers late).
+pub const OOM_WAIT_SLACK: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Re-exported so that the guest agent serves exactly the ttrpc this client speaks.
 pub use ttrpc;

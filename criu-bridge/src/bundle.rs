@@ -80,10 +80,9 @@ pub fn cgroup_dir(cgroups_path: &str) -> PathBuf {
     Path::new("/sys/fs/cgroup").join(cgroups_path.trim_start_matches('/'))
 }
 
-/// Whether the kernel OOM-killed a process of the cgroup `dir` (or one below it): its
-/// `memory.events` `oom_kill` count.
-pub fn oom_killed_in(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("memory.events")).is_ok_and(|t| oom_kills(&t) > 0)
+/// The `oom_kill` count of the cgroup `dir` (and below it); 0 without a memory controller.
+pub fn oom_kills_in(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("memory.events")).map(|t| oom_kills(&t)).unwrap_or(0)
 }
 
 /// The `oom_kill` count of a cgroup v2 `memory.events` file.

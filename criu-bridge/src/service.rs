@@ -128,8 +128,33 @@ impl agent_ttrpc::Agent for AgentService {
         let cgroup = if req.exec_id.is_empty() { self.containers.cgroup(&req.container_id) } else { None };
         let e = p.wait().await;
         let since = e.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let oom_killed = cgroup.is_some_and(|d| crate::bundle::oom_killed_in(&d));
-        Ok(WaitProcessResponse { exit_status: e.code, exited_at_s: since.as_secs() as i64, exited_at_ns: since.subsec_nanos(), oom_killed, ..Default::default() })
+        let oom_kills = cgroup.map(|d| crate::bundle::oom_kills_in(&d)).unwrap_or(0);
+        Ok(WaitProcessResponse {
+            exit_status: e.code,
+            exited_at_s: since.as_secs() as i64,
+            exited_at_ns: since.subsec_nanos(),
+            oom_killed: oom_kills > 0,
+            oom_kills,
+            ..Default::default()
+        })
+    }
+
+    async fn wait_oom(&self, _ctx: &TtrpcContext, req: WaitOomRequest) -> ttrpc::Result<WaitOomResponse> {
+        let init = self.containers.process(&req.container_id, "").map_err(status)?;
+        let cgroup = self.containers.cgroup(&req.container_id).ok_or_else(|| status(crate::error::ContainerError::NotFound(req.container_id.clone())))?;
+        let until = tokio::time::Instant::now() + agent_client::OOM_WAIT_MAX;
+        loop {
+            let oom_kills = crate::bundle::oom_kills_in(&cgroup);
+            let ended = init.exited().is_some();
+            if oom_kills > req.seen || ended || tokio::time::Instant::now() >= until {
+                return Ok(WaitOomResponse { oom_kills, ended, ..Default::default() });
+            }
+            // memory.events is polled (4 reads a second per watched container); the init's exit ends the wait at once.
+            tokio::select! {
+                _ = init.wait() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+            }
+        }
     }
 
     async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {

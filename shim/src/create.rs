@@ -258,6 +258,7 @@ impl TaskService {
             restore_staging,
             deadline_s: c.deadline_s,
             open_tcp: c.open_tcp,
+            oom_seen: Default::default(),
             restore_pending: restore,
             checkpointing: false,
             vm_gone: None,

@@ -19,11 +19,17 @@ impl TaskService {
             let req = ag::ProcessRequest { container_id: cid.clone(), exec_id: exec_id.clone(), ..Default::default() };
             let (code, reported) = match agent.call("WaitProcess", LONG, |c, ctx| async move { c.wait_process(ctx, &req).await }).await {
                 Ok(r) => {
-                    if r.oom_killed && exec_id.is_empty() {
-                        // Before its exit, as runc's shim does: containerd's CRI then gives the
-                        // container the reason OOMKilled.
-                        info!(cid, "the guest kernel OOM-killed a process of the container");
-                        me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
+                    let kills = r.oom_kills.max(r.oom_killed as u64);
+                    if kills > 0 && exec_id.is_empty() {
+                        // Before its exit, as runc's shim does (containerd's CRI then gives the
+                        // container the reason OOMKilled), unless the OOM watch published them.
+                        let g = me.state.lock().await;
+                        if let Some(st) = g.tasks.get(&cid) {
+                            if st.oom_seen.fetch_max(kills, std::sync::atomic::Ordering::SeqCst) < kills {
+                                info!(cid, kills, "the guest kernel OOM-killed a process of the container");
+                                me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
+                            }
+                        }
                     }
                     (r.exit_status as u32, true)
                 }
@@ -48,6 +54,50 @@ impl TaskService {
                 }
             }
             me.record_exit(&cid, &exec_id, code).await;
+        });
+    }
+
+    /// Publishes TaskOOM whenever the guest kernel OOM-kills a process of a running container (a child
+    /// killed while the init lives, as runc's shim reports it from the cgroup), by a long poll of the
+    /// agent (WaitOom). It ends with the init's exit (which reports the kills it has not seen) or the
+    /// agent; a guest answering at once again and again gets at most one event a second.
+    pub(crate) fn spawn_oom_watch(&self, agent: AgentClient, cid: String) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let seen = {
+                    let g = me.state.lock().await;
+                    match g.tasks.get(&cid) {
+                        Some(st) if st.init.status != PStatus::Stopped => st.oom_seen.clone(),
+                        _ => return,
+                    }
+                };
+                let req = ag::WaitOomRequest { container_id: cid.clone(), seen: seen.load(std::sync::atomic::Ordering::SeqCst), ..Default::default() };
+                let bound = agent_client::OOM_WAIT_MAX + agent_client::OOM_WAIT_SLACK;
+                let r = match agent.call("WaitOom", bound, |c, ctx| async move { c.wait_oom(ctx, &req).await }).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(cid, error = %e, "the OOM watch ends");
+                        return;
+                    }
+                };
+                {
+                    // Under the lock, and only while the init runs: a TaskOOM never follows its TaskExit.
+                    let g = me.state.lock().await;
+                    let Some(st) = g.tasks.get(&cid) else { return };
+                    if st.init.status == PStatus::Stopped {
+                        return;
+                    }
+                    if seen.fetch_max(r.oom_kills, std::sync::atomic::Ordering::SeqCst) < r.oom_kills {
+                        info!(cid, kills = r.oom_kills, "the guest kernel OOM-killed a process of the running container");
+                        me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
+                    }
+                }
+                if r.ended {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
         });
     }
 
@@ -204,7 +254,7 @@ impl TaskService {
             };
             let (ids, tail) = {
                 let mut g = me.state.lock().await;
-                let live = |p: &Proc| matches!(p.status, PStatus::Running | PStatus::Paused | PStatus::Starting | PStatus::Restoring);
+                let live = |p: &Proc| matches!(p.status, PStatus::Running | PStatus::Pausing | PStatus::Paused | PStatus::Resuming | PStatus::Starting | PStatus::Restoring);
                 let mut ids: Vec<(String, String)> = vec![];
                 for st in g.tasks.values_mut() {
                     st.vm_gone = Some(reason.clone());

@@ -121,6 +121,9 @@ impl TaskService {
             hooks::run_all_warn("poststart", &list, &state).await;
         }
         info!(cid, exec_id = %req.exec_id, guest_pid, host_pid, "started");
+        if req.exec_id.is_empty() {
+            self.spawn_oom_watch(agent.clone(), cid.clone());
+        }
         self.spawn_waiter(agent, cid, req.exec_id);
         Ok(StartResponse { pid: host_pid, ..Default::default() })
     }

@@ -110,6 +110,9 @@ pub(crate) struct TaskState {
     pub(crate) deadline_s: u64,
     /// The container's annotation asks every checkpoint to keep established TCP connections.
     pub(crate) open_tcp: bool,
+    /// OOM kills in the container's guest cgroup already published as TaskOOM (by the OOM watch or
+    /// at the init's exit, whichever saw them first).
+    pub(crate) oom_seen: Arc<std::sync::atomic::AtomicU64>,
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
     pub(crate) restore_pending: bool,
     /// A checkpoint runs (without the lock): a second one and Delete are refused meanwhile.

@@ -474,6 +474,33 @@ fn kubernetes_cases_behave_as_under_runc() {
         cri.start_container(&oom).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
         let info = cri.wait_container_state(&oom, ContainerState::ContainerExited, T).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
         assert_eq!((info.exit_code, info.reason.as_str()), (137, "OOMKilled"), "{handler}: {info:?}");
+        // A child over the limit while the init lives: runc's shim publishes TaskOOM from the cgroup at
+        // once, and CRI shows the running container's reason OOMKilled.
+        let mut spec = ContainerSpec::new("oomchild", IMAGE, &["sh", "-c", "/bin/memhog 96; echo $? > /child-status; exec sleep 100000"]);
+        spec.memory_limit_bytes = Some(32 << 20);
+        let child = cri.create_container(&pod, &spec).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        cri.start_container(&child).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        let start = std::time::Instant::now();
+        loop {
+            let info = cri.container_status(&child).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+            assert_eq!(info.state, ContainerState::ContainerRunning, "{handler}: the init lives on: {info:?}");
+            if info.reason == "OOMKilled" {
+                break;
+            }
+            assert!(start.elapsed() < T, "{handler}: no OOMKilled reason for the running container whose child was OOM-killed: {info:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let start = std::time::Instant::now();
+        let status = loop {
+            let s = cri.exec_sync(&child, &["cat", "/child-status"], 60).unwrap();
+            if s.exit_code == 0 || start.elapsed() > Duration::from_secs(20) {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert_eq!(status.stdout.trim(), "137", "{handler}: the child was SIGKILLed by the OOM killer: {status:?}");
+        cri.stop_container(&child, 0).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
+        cri.remove_container(&child).unwrap_or_else(|e| panic!("{handler}: {e:#}"));
         // A privileged container may make a bridge (the guest has the module); others may not.
         let mut spec = ContainerSpec::new("priv", IMAGE, &["sleep", "100000"]);
         spec.privileged = true;
