@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tracing::info;
 
 pub use crate::error::ContainerError;
+use crate::error::io;
 use crate::state::{can, Claim, Entry, ExecReservation, Op, Reservation, Status, Table};
 use crate::{
     bundle, criu, network,
@@ -27,11 +28,6 @@ use crate::{
 pub use crate::runc::{CONTAINERS_DIR, RUNC};
 
 type Result<T> = std::result::Result<T, ContainerError>;
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
-    let w = what.into();
-    move |e| ContainerError::Io(w, e)
-}
 
 pub struct Container {
     pub init: Arc<Process>,
@@ -199,12 +195,7 @@ impl Containers {
             kill_cgroup,
             cgroup: bundle::cgroup_dir(&cgroups_path),
         };
-        {
-            let mut t = self.table();
-            t.reserved.remove(id);
-            t.live.insert(id.into(), Arc::new(Entry { state: Mutex::new(c), settled: Notify::new() }));
-        }
-        drop(reservation);
+        reservation.fill(Arc::new(Entry { state: Mutex::new(c), settled: Notify::new() }));
         info!(id, for_restore, pid, "container created");
         Ok(pid)
     }
@@ -273,12 +264,7 @@ impl Containers {
         runc::check(id, "runc exec", out)?;
         let pid = runc::read_pid(&pid_file)?;
         proc_.watch_exit(&self.reaper, pid, since, None);
-        {
-            let mut c = e.lock();
-            c.exec_reserved.remove(exec_id);
-            c.execs.insert(exec_id.into(), Arc::new(proc_));
-        }
-        drop(reservation);
+        reservation.fill(Arc::new(proc_));
         Ok(pid)
     }
 

@@ -25,3 +25,9 @@ pub enum ContainerError {
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
 }
+
+/// `map_err` for an I/O error while doing `what`.
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let what = what.into();
+    move |e| ContainerError::Io(what, e)
+}

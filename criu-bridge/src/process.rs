@@ -18,15 +18,12 @@ use tracing::{info, warn};
 use crate::{
     cmd,
     container::ContainerError,
+    error::io,
     fdio::{ConsoleSocket, FdStream},
     reaper::Reaper,
 };
 
 type Result<T> = std::result::Result<T, ContainerError>;
-
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ContainerError {
-    move |e| ContainerError::Io(what.into(), e)
-}
 
 /// runc create/exec deadline: below the host's RPC timeout, so a hung runc is reported as such.
 pub const RUNC_SPAWN_DEADLINE: Duration = Duration::from_secs(45);

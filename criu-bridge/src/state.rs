@@ -152,6 +152,16 @@ pub struct Reservation {
     pub id: String,
 }
 
+impl Reservation {
+    /// The create succeeded: the reserved id becomes the live container `entry`, in one step under
+    /// the table's lock (no lookup sees neither).
+    pub fn fill(self, entry: Arc<Entry>) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.reserved.remove(&self.id);
+        t.live.insert(self.id.clone(), entry);
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).reserved.remove(&self.id);
@@ -162,6 +172,16 @@ impl Drop for Reservation {
 pub struct ExecReservation {
     pub entry: Arc<Entry>,
     pub exec_id: String,
+}
+
+impl ExecReservation {
+    /// The exec started: the reserved exec id becomes the process `p`, in one step under the
+    /// container's lock.
+    pub fn fill(self, p: Arc<crate::process::Process>) {
+        let mut c = self.entry.lock();
+        c.exec_reserved.remove(&self.exec_id);
+        c.execs.insert(self.exec_id.clone(), p);
+    }
 }
 
 impl Drop for ExecReservation {
