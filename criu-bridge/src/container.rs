@@ -422,12 +422,12 @@ impl Containers {
         let id = req.container_id.as_str();
         let e = self.get(id)?;
         let claim = self.claim(id, &e, Op::Restore)?;
-        let (child, kill_cgroup, init) = {
+        let (child, kill_cgroup, init, cgroup) = {
             let mut c = e.lock();
             let child = c.pending_stdio.take().ok_or_else(|| ContainerError::Precondition(format!("container {id}: its stdio was taken")))?;
-            (child, c.kill_cgroup.clone(), c.init.clone())
+            (child, c.kill_cgroup.clone(), c.init.clone(), c.cgroup.clone())
         };
-        let (pid, since) = criu::restore(&self.reaper, id, req, child).await?;
+        let (pid, since) = criu::restore(&self.reaper, id, req, child, &cgroup).await?;
         init.watch_exit(&self.reaper, pid, since, kill_cgroup);
         claim.commit(|c| c.status = Status::Running);
         Ok(pid)

@@ -182,7 +182,7 @@ async fn release_after_deadline(reaper: &Arc<Reaper>, id: &str, req: &Checkpoint
 
 /// `runc restore -d` of container `id` into its bundle, with the container's stdio; returns the
 /// restored init's pid and when runc began.
-pub async fn restore(reaper: &Arc<Reaper>, id: &str, req: &RestoreContainerRequest, child: ChildStdio) -> Result<(u32, Instant)> {
+pub async fn restore(reaper: &Arc<Reaper>, id: &str, req: &RestoreContainerRequest, child: ChildStdio, cgroup: &Path) -> Result<(u32, Instant)> {
     fs::create_dir_all(&req.work_path).map_err(|e| ContainerError::Io("creating the restore work dir".into(), e))?;
     let bundle = runc::bundle(id);
     let pid_file = bundle.join("init.pid");
@@ -196,10 +196,11 @@ pub async fn restore(reaper: &Arc<Reaper>, id: &str, req: &RestoreContainerReque
         Err(ContainerError::TimedOut { .. }) => {
             // The deadline is the caller's (less the host's margin) or the container's: the answer
             // must say so, or a restore cut short reads as a restore that failed on its own.
+            let stopped = stop_restore(id, &[Path::new(&req.work_path), Path::new(&req.image_path)], cgroup).await;
             let e = ContainerError::Runc {
                 what: "runc restore".into(),
                 detail: format!(
-                    "restore deadline of {} s exceeded; runc restore was stopped and the container was not restored (the checkpoint images are unchanged)",
+                    "restore deadline of {} s exceeded; runc restore was stopped, {stopped}; the container was not restored (the checkpoint images are unchanged)",
                     req.deadline_s
                 ),
             };
@@ -209,16 +210,62 @@ pub async fn restore(reaper: &Arc<Reaper>, id: &str, req: &RestoreContainerReque
     }
 }
 
-/// Pids of running `criu` processes.
-fn pids() -> Vec<i32> {
+/// After a restore's deadline killed runc: its CRIU (a `criu` with a descriptor below the restore's
+/// work or image directory; another container's checkpoint or restore is left alone) is killed, and
+/// then every process it had restored into the container's cgroup (nothing of it is the
+/// container's yet: no runc state knows them). Says what was done.
+async fn stop_restore(id: &str, dirs: &[&Path], cgroup: &Path) -> String {
+    let criu: Vec<i32> = dirs.iter().flat_map(|d| pids_using("criu", d)).collect();
+    for pid in &criu {
+        kill_pinned(*pid, "criu");
+    }
+    let since = Instant::now();
+    while criu.iter().any(|p| is_named(*p, "criu")) && since.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restored = match fs::write(cgroup.join("cgroup.kill"), "1") {
+        Ok(()) => "the processes it had restored were killed",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "it had restored no process",
+        Err(e) => {
+            warn!(id, cgroup = %cgroup.display(), error = %e, "killing what a timed-out restore left");
+            "the processes it had restored could not be killed"
+        }
+    };
+    warn!(id, ?criu, restored, "restore deadline: CRIU killed");
+    format!("its CRIU ({} process(es)) was killed and {restored}", criu.len())
+}
+
+/// Pids of processes named `comm` with a descriptor (or their working directory) below `dir`.
+fn pids_using(comm: &str, dir: &Path) -> Vec<i32> {
+    let below = |l: std::io::Result<std::path::PathBuf>| l.is_ok_and(|l| l.starts_with(dir));
+    all_pids()
+        .into_iter()
+        .filter(|pid| is_named(*pid, comm))
+        .filter(|pid| {
+            below(fs::read_link(format!("/proc/{pid}/cwd")))
+                || fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| fds.flatten().any(|f| below(fs::read_link(f.path()))))
+        })
+        .collect()
+}
+
+fn all_pids() -> Vec<i32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    entries.flatten().filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok()).filter(|pid| is_criu(*pid)).collect()
+    entries.flatten().filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok()).collect()
+}
+
+/// Pids of running `criu` processes.
+fn pids() -> Vec<i32> {
+    all_pids().into_iter().filter(|pid| is_criu(*pid)).collect()
+}
+
+fn is_named(pid: i32, comm: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == comm).unwrap_or(false)
 }
 
 fn is_criu(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim() == "criu").unwrap_or(false)
+    is_named(pid, "criu")
 }
 
 /// Waits until no `criu` runs, at most `limit`; true when none does.
@@ -239,17 +286,23 @@ async fn wait_gone(limit: Duration) -> bool {
 /// pinned with a pidfd before its name is checked, so a pid reused meanwhile is never signalled.
 fn kill_all() {
     for pid in pids() {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            continue;
-        }
-        // SAFETY: a new descriptor that nothing else owns.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        if is_criu(pid) {
-            // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
-            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
-        }
+        kill_pinned(pid, "criu");
+    }
+}
+
+/// SIGKILLs `pid` if it is named `comm`, pinned with a pidfd before the name is checked (a pid reused
+/// meanwhile is never signalled).
+fn kill_pinned(pid: i32, comm: &str) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    if is_named(pid, comm) {
+        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
     }
 }
 
@@ -315,6 +368,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(dump_args("c1", &req), ["checkpoint", "--image-path", "/i", "--work-path", "/w", "--leave-running", "--file-locks", "--empty-ns", "network", "c1"]);
+    }
+
+    #[test]
+    fn the_processes_of_a_restore_are_found_by_their_open_files_and_killed_pinned() {
+        let base = std::env::temp_dir().join(format!("criu-holders-{}", std::process::id()));
+        let (dir, other) = (base.join("work"), base.join("other"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(&other).unwrap();
+        let out = fs::File::create(dir.join("restore.log")).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("60").stdout(out).spawn().unwrap();
+        let pid = child.id() as i32;
+        assert_eq!(pids_using("sleep", &dir), [pid]);
+        assert!(pids_using("sleep", &other).is_empty());
+        assert!(pids_using("criu", &dir).is_empty(), "the name is checked");
+        kill_pinned(pid, "criu");
+        assert!(child.try_wait().unwrap().is_none(), "another name is never signalled");
+        kill_pinned(pid, "sleep");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()), Some(libc::SIGKILL));
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]

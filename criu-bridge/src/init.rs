@@ -31,6 +31,9 @@ pub struct BootParams {
 /// nothing (a guest that will not let its processes die; WaitProcess then never answers).
 /// `kata_rs.test_fault=absurd-stats:0`: every number in the agent's StatsContainer answers is u64::MAX
 /// (a guest that lies about its containers' use).
+/// `kata_rs.test_fault=stop-criu-in-restore:<ms>`: that long after a restore request arrives, the first
+/// `criu` process that has its restore.log open is SIGSTOPped (a CRIU that never finishes: the restore
+/// must end at its deadline).
 /// The fault tests use it to crash a guest at a known moment. Only the host sets the kernel command
 /// line (configuration.toml, `hypervisor.kernel_params`); nothing in the guest can turn it on.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +50,8 @@ pub enum FaultDuring {
     IgnoreSignals,
     /// Not an exit: stats are answered with the largest numbers.
     AbsurdStats,
+    /// Not an exit: the restore's CRIU is stopped.
+    StopCriuInRestore,
 }
 
 impl TestFault {
@@ -57,6 +62,7 @@ impl TestFault {
             "agent-exit-in-restore" => FaultDuring::Restore,
             "ignore-signals" => FaultDuring::IgnoreSignals,
             "absurd-stats" => FaultDuring::AbsurdStats,
+            "stop-criu-in-restore" => FaultDuring::StopCriuInRestore,
             _ => return None,
         };
         Some(TestFault { during, after_ms: ms.parse().ok()? })
@@ -64,10 +70,31 @@ impl TestFault {
 
     /// If this fault is for `now`: exits the process `after_ms` from now (from another thread).
     pub fn arm(&self, now: FaultDuring) {
-        if self.during != now || matches!(now, FaultDuring::IgnoreSignals | FaultDuring::AbsurdStats) {
+        let ms = self.after_ms;
+        if self.during == FaultDuring::StopCriuInRestore && now == FaultDuring::Restore {
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                for _ in 0..3000 {
+                    let criu = std::fs::read_dir("/proc").into_iter().flatten().flatten().find_map(|e| {
+                        let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+                        // A CRIU in the middle of the restore: its log is open.
+                        let logging = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l.ends_with("restore.log")));
+                        (std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() == "criu" && logging).then_some(pid)
+                    });
+                    if let Some(pid) = criu {
+                        warn!(pid, "kata_rs.test_fault: the restore's CRIU is stopped");
+                        // SAFETY: kill takes a pid and a signal.
+                        unsafe { libc::kill(pid, libc::SIGSTOP) };
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            });
             return;
         }
-        let ms = self.after_ms;
+        if self.during != now || matches!(now, FaultDuring::IgnoreSignals | FaultDuring::AbsurdStats | FaultDuring::StopCriuInRestore) {
+            return;
+        }
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             warn!(fault = ?now, "kata_rs.test_fault: the agent exits now");
@@ -249,6 +276,7 @@ mod tests {
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:0").test_fault.unwrap().during, FaultDuring::Restore);
         assert_eq!(BootParams::parse("kata_rs.test_fault=ignore-signals:0").test_fault.unwrap().during, FaultDuring::IgnoreSignals);
         assert_eq!(BootParams::parse("kata_rs.test_fault=absurd-stats:0").test_fault.unwrap().during, FaultDuring::AbsurdStats);
+        assert_eq!(BootParams::parse("kata_rs.test_fault=stop-criu-in-restore:0").test_fault.unwrap().during, FaultDuring::StopCriuInRestore);
         assert_eq!(BootParams::parse("kata_rs.test_fault=reboot:10").test_fault, None);
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:x").test_fault, None);
     }

@@ -513,3 +513,28 @@ async fn a_guest_that_ignores_sigkill_is_ended_by_the_host() {
     c.ctr_ok(&["task", "kill", "-s", "KILL", "ig1"]);
     assert_ended_by_host(&c, &ev, "ig1", qemu, start);
 }
+
+/// A CRIU that never finishes a restore (SIGSTOPped in the middle of it, its log open: a test fault)
+/// does not outlive the restore's deadline: at the deadline the agent kills runc, finds the restore's
+/// CRIU by the files it holds (its log, its images; another container's CRIU would be left alone),
+/// kills it through a pidfd, then whatever it had restored into the container's cgroup. The error says
+/// so, and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_criu_hangs_ends_at_its_deadline_and_its_criu_is_killed() {
+    let c = Containerd::start_with("kernel_params = \"kata_rs.test_fault=stop-criu-in-restore:0\"");
+    let ev = c.events("criu-hangs");
+    c.run_detached("h1", &["--annotation", "io.kata-rs.checkpoint.deadline_s=5"], &["sleep", "100000"]);
+    c.wait_status("h1", "RUNNING", T);
+    c.ctr_ok(&["--timeout", "900s", "containers", "checkpoint", "--task", "--image", "h1", "kata-rs-test/hang:1"]);
+    c.kill_and_remove("h1");
+    // No --timeout: the checkpointed spec's annotation (5 s) is the restore's deadline.
+    let o = c.ctr(&["containers", "restore", "--live", "h2", "kata-rs-test/hang:1"]);
+    let e = stderr(&o);
+    eprintln!("restore whose CRIU hangs: {} {e}", o.status);
+    assert!(!o.status.success() && e.contains("restore deadline of 5 s exceeded"), "{e}");
+    let killed: u32 = e.split("its CRIU (").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(killed >= 1, "the restore's CRIU was found and killed: {e}");
+    assert!(e.contains("the processes it had restored were killed") || e.contains("it had restored no process"), "{e}");
+    remove_failed_restore(&c, &ev, "h2");
+    c.assert_clean();
+}
