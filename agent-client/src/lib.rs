@@ -25,6 +25,22 @@ pub use transport::{Transport, TransportError};
 /// The vsock port the guest agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// The guest's deadline for one `runc create`/`runc exec` (CreateContainer, ExecProcess): a hung runc
+/// is reported as such. The host's RPC timeout must leave room for it and the answer
+/// ([`MIN_RPC_TIMEOUT`]).
+pub const RUNC_SPAWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(45);
+/// The shortest RPC timeout the host may use (`agent.rpc_timeout_s`): the guest's spawn deadline plus
+/// 10 s for the answer under a loaded TCG guest.
+pub const MIN_RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(55);
+/// After a checkpoint's deadline, how long the agent waits for CRIU to let the container go before it
+/// answers; the host waits [`DEADLINE_SLACK`] past the deadline for that answer.
+pub const CRIU_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// What the host adds to a checkpoint's or restore's deadline for the agent's answer (its cleanup
+/// within [`CRIU_RELEASE_WAIT`], CRIU's log, the reply).
+pub const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_secs(30);
+const _: () = assert!(CRIU_RELEASE_WAIT.as_secs() + 5 <= DEADLINE_SLACK.as_secs());
+const _: () = assert!(RUNC_SPAWN_DEADLINE.as_secs() + 10 <= MIN_RPC_TIMEOUT.as_secs());
+
 /// The longest the agent takes to answer WaitOom (a long poll); the host's deadline for the call is
 /// this plus [`OOM_WAIT_SLACK`].
 pub const OOM_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(20);

@@ -25,9 +25,9 @@ type Result<T> = std::result::Result<T, ContainerError>;
 
 pub const CRIU: &str = "/usr/sbin/criu";
 
-/// How long an answer after a deadline waits for CRIU to release the container (the host allows 30 s
-/// past the deadline for the answer).
-const CRIU_RELEASE_WAIT: Duration = Duration::from_secs(20);
+/// How long an answer after a deadline waits for CRIU to release the container (the host allows
+/// `DEADLINE_SLACK` past the deadline for the answer: a contract in agent-client).
+use agent_client::CRIU_RELEASE_WAIT;
 /// After this, a CRIU that still runs is killed (last resort).
 const CRIU_RELEASE_LAST: Duration = Duration::from_secs(600);
 

@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
         Arc,
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use nix::fcntl::OFlag;
@@ -25,8 +25,9 @@ use crate::{
 
 type Result<T> = std::result::Result<T, ContainerError>;
 
-/// runc create/exec deadline: below the host's RPC timeout, so a hung runc is reported as such.
-pub const RUNC_SPAWN_DEADLINE: Duration = Duration::from_secs(45);
+/// runc create/exec deadline: below the host's RPC timeout (a contract in agent-client), so a hung
+/// runc is reported as such.
+pub use agent_client::RUNC_SPAWN_DEADLINE;
 
 /// Where runc's console sockets are made (one per terminal process, while runc starts it).
 const CONSOLE_DIR: &str = "/run/kata-rs/tty";

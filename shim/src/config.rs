@@ -94,8 +94,13 @@ impl Config {
         if self.agent.connect_timeout_s == 0 {
             return Err("agent.connect_timeout_s must be above 0".into());
         }
-        if self.agent.rpc_timeout_s == 0 {
-            return Err("agent.rpc_timeout_s must be above 0".into());
+        let min = agent_client::MIN_RPC_TIMEOUT.as_secs();
+        if self.agent.rpc_timeout_s < min {
+            return Err(format!(
+                "agent.rpc_timeout_s = {} is below {min}: the guest gives runc create/exec {} s before it answers",
+                self.agent.rpc_timeout_s,
+                agent_client::RUNC_SPAWN_DEADLINE.as_secs()
+            ));
         }
         if self.runtime.checkpoint_deadline_s == 0 {
             return Err("runtime.checkpoint_deadline_s must be above 0".into());
@@ -194,6 +199,10 @@ mod tests {
         assert!(e.contains("shared_fs") || e.contains("nfs"), "{e}");
         let e = Config::parse("[hypervisor]\nvcpus = 0\n", Path::new("/x/c.toml")).unwrap_err().to_string();
         assert!(e.contains("vcpus"), "{e}");
+        // An RPC timeout the guest's own deadlines do not fit in.
+        let e = Config::parse("[agent]\nrpc_timeout_s = 30\n", Path::new("/x/c.toml")).unwrap_err().to_string();
+        assert!(e.contains("agent.rpc_timeout_s = 30") && e.contains("45 s"), "{e}");
+        assert!(Config::parse("[agent]\nrpc_timeout_s = 55\n", Path::new("/x/c.toml")).is_ok());
         let e = Config::parse("[runtime]\nroot = \"rel\"\n", Path::new("/x/c.toml")).unwrap_err().to_string();
         assert!(e.contains("runtime.root"), "{e}");
     }

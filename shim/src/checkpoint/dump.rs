@@ -82,7 +82,7 @@ impl TaskService {
         info!(cid, n, paused, exit = opts.exit, target = %target.display(), deadline_s, deadline_from, "checkpoint");
         let started = std::time::Instant::now();
         let result =
-            agent.call("CheckpointContainer", Duration::from_secs(deadline_s + 30), |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
+            agent.call("CheckpointContainer", Duration::from_secs(deadline_s) + agent_client::DEADLINE_SLACK, |c, ctx| async move { c.checkpoint_container(ctx, &r).await }).await;
         let log = fetch_guest_log(&agent, &format!("{work}/dump.log"), &bundle, &format!("dump-{n}.log")).await;
         rotate_dump_files(&bundle, n);
         let outcome = match result {

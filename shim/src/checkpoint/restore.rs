@@ -32,7 +32,7 @@ impl TaskService {
             deadline_s: deadline_s as u32,
             ..Default::default()
         };
-        let timeout = Duration::from_secs(deadline_s + 30);
+        let timeout = Duration::from_secs(deadline_s) + agent_client::DEADLINE_SLACK;
         info!(cid, deadline_s, deadline_from, "restore");
         let started = std::time::Instant::now();
         let result = agent.call("RestoreContainer", timeout, |c, ctx| async move { c.restore_container(ctx, &r).await }).await;
