@@ -379,6 +379,12 @@ mod tests {
         let out = fs::File::create(dir.join("restore.log")).unwrap();
         let mut child = std::process::Command::new("sleep").arg("60").stdout(out).spawn().unwrap();
         let pid = child.id() as i32;
+        // The parent of a vfork'd exec may run before the kernel sets the new name.
+        let since = Instant::now();
+        while !is_named(pid, "sleep") {
+            assert!(since.elapsed() < Duration::from_secs(10), "the child never became sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(pids_using("sleep", &dir), [pid]);
         assert!(pids_using("sleep", &other).is_empty());
         assert!(pids_using("criu", &dir).is_empty(), "the name is checked");
