@@ -38,7 +38,10 @@ pub const CRIU_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// What the host adds to a checkpoint's or restore's deadline for the agent's answer (its cleanup
 /// within [`CRIU_RELEASE_WAIT`], CRIU's log, the reply).
 pub const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_secs(30);
-const _: () = assert!(CRIU_RELEASE_WAIT.as_secs() + 5 <= DEADLINE_SLACK.as_secs());
+/// After CRIU let go, the bound of the `runc pause`/`resume` that puts the container back before the
+/// answer.
+pub const CRIU_PUT_BACK: std::time::Duration = std::time::Duration::from_secs(5);
+const _: () = assert!(CRIU_RELEASE_WAIT.as_secs() + CRIU_PUT_BACK.as_secs() + 5 <= DEADLINE_SLACK.as_secs());
 const _: () = assert!(RUNC_SPAWN_DEADLINE.as_secs() + 10 <= MIN_RPC_TIMEOUT.as_secs());
 
 /// The longest the agent takes to answer WaitOom (a long poll); the host's deadline for the call is

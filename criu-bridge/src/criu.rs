@@ -153,7 +153,7 @@ async fn release_after_deadline(reaper: &Arc<Reaper>, id: &str, req: &Checkpoint
     let _ = fs::remove_dir_all(&req.image_path);
     let (verb, left) = if req.already_frozen { ("pause", "paused") } else { ("resume", "running") };
     if wait_gone(CRIU_RELEASE_WAIT).await {
-        if let Err(e) = runc::run(reaper, id, &[verb, id], Some(Duration::from_secs(30))).await {
+        if let Err(e) = runc::run(reaper, id, &[verb, id], Some(agent_client::CRIU_PUT_BACK)).await {
             info!(id, error = %e, "after the deadline: runc {verb} (the container may already be {left})");
         }
         let _ = fs::remove_dir_all(&req.image_path);

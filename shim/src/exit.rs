@@ -24,7 +24,8 @@ impl TaskService {
                         // Before its exit, as runc's shim does (containerd's CRI then gives the
                         // container the reason OOMKilled), unless the OOM watch published them.
                         let g = me.state.lock().await;
-                        if let Some(st) = g.tasks.get(&cid) {
+                        // Not once its exit is recorded (the host ended it, or the VM's watch did).
+                        if let Some(st) = g.tasks.get(&cid).filter(|st| st.init.status != PStatus::Stopped) {
                             if st.oom_seen.fetch_max(kills, std::sync::atomic::Ordering::SeqCst) < kills {
                                 info!(cid, kills, "the guest kernel OOM-killed a process of the container");
                                 me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
@@ -76,6 +77,11 @@ impl TaskService {
                 let bound = agent_client::OOM_WAIT_MAX + agent_client::OOM_WAIT_SLACK;
                 let r = match agent.call("WaitOom", bound, |c, ctx| async move { c.wait_oom(ctx, &req).await }).await {
                     Ok(r) => r,
+                    Err(agent_client::AgentError::Timeout { .. }) => {
+                        // A guest slowed down (by the memory pressure it should report?): ask again.
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
                     Err(e) => {
                         tracing::debug!(cid, error = %e, "the OOM watch ends");
                         return;

@@ -29,13 +29,18 @@ impl TaskService {
         let Some(r) = Release::take(&mut g, id, creating) else {
             return;
         };
-        let ending = r.vm.is_some().then(|| self.ending.clone());
-        let _ending = match ending {
-            Some(m) => Some(m.lock_owned().await),
-            None => None,
+        self.finish_release(g, r).await;
+    }
+
+    /// Drops the lock `g` and runs `r` (holding `ending` while it stops the VM).
+    async fn finish_release(&self, g: tokio::sync::MutexGuard<'_, Shim>, r: Release) {
+        let ending = match r.vm.is_some() {
+            true => Some(self.ending.clone().lock_owned().await),
+            false => None,
         };
         drop(g);
         r.finish().await;
+        drop(ending);
     }
 
     /// Start of a task's init or exec, or the restore of a task created from a checkpoint.
@@ -139,6 +144,11 @@ impl TaskService {
             let st = g.task_mut(id).ok_or_else(|| self.no_task(id))?;
             if st.init.status != want_from {
                 return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
+            }
+            if st.checkpointing {
+                // CRIU freezes and thaws the container itself: a Pause or Resume meanwhile would be undone or
+                // would thaw what it dumps.
+                return Err(TaskError::precondition(format!("task {id} is being checkpointed; pause or resume it when the checkpoint has ended")));
             }
             st.init.status = during;
             (st.agent.clone(), st.id.clone())
@@ -248,11 +258,16 @@ impl TaskService {
         let cid = st.id.clone();
         let poststop = (!st.hooks.poststop.is_empty()).then(|| (st.hooks.poststop.clone(), st.hook_state("stopped")));
         let creating = !self.creating_lock().is_empty();
-        self.release(g, &cid, creating).await;
-        let mut g = self.state.lock().await;
+        // Decided and out of the table in one step: a second Delete meanwhile finds no task (NotFound,
+        // which containerd takes as deleted); only this one runs the release, the hooks and the event.
+        let release = Release::take(&mut g, &cid, creating);
         g.tasks.remove(&cid);
         let left = g.tasks.len();
-        drop(g);
+        if let Some(r) = release {
+            self.finish_release(g, r).await;
+        } else {
+            drop(g);
+        }
         info!(id = %cid, tasks_left = left, "deleted");
         if let Some((list, state)) = poststop {
             hooks::run_all_warn("poststop", &list, &state).await;
@@ -273,9 +288,14 @@ impl TaskService {
             return Ok(Empty::new());
         }
         let vm = g.vm.take();
-        drop(g);
         if let Some(vm) = vm {
+            // A second Shutdown meanwhile waits for this stop (below), as for a release's.
+            let ending = self.ending.clone().lock_owned().await;
+            drop(g);
             vm.stop(None).await;
+            drop(ending);
+        } else {
+            drop(g);
         }
         // A VM the host is ending itself finishes its teardown first.
         drop(self.ending.lock().await);
