@@ -145,11 +145,6 @@ impl TaskService {
             if st.init.status != want_from {
                 return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
             }
-            if st.checkpointing {
-                // CRIU freezes and thaws the container itself: a Pause or Resume meanwhile would be undone or
-                // would thaw what it dumps.
-                return Err(TaskError::precondition(format!("task {id} is being checkpointed; pause or resume it when the checkpoint has ended")));
-            }
             st.init.status = during;
             (st.agent.clone(), st.id.clone())
         };
