@@ -181,7 +181,9 @@ pub async fn wait_process(agent: &AgentClient, cid: &str, exec_id: &str, limit: 
     agent.call("WaitProcess", limit, |c, ctx| async move { c.wait_process(ctx, &req).await }).await.unwrap().exit_status
 }
 
-/// Reads an integer counter file, retrying while it is being rewritten.
+/// Reads an integer counter file, retrying while it does not exist yet. Counters are written to a new file
+/// and renamed into place: a rewrite in place (truncate, then write) that a kill, a freeze or a dump cuts
+/// between the two leaves the file empty for good (CI saw it: workloads, after a kill).
 pub fn read_counter(path: &Path) -> u64 {
     for _ in 0..50 {
         if let Ok(s) = std::fs::read_to_string(path) {

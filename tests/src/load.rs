@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::containerd::Containerd;
 
 /// A container that counts to `/count` once a second (the proof that a restored one runs on).
-pub const COUNTER: &[&str] = &["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 1; done"];
+pub const COUNTER: &[&str] = &["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 1; done"];
 
 /// What one containerd's kata-rs containers hold on the host at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,8 +65,8 @@ fn at_once(n: usize, f: impl Fn(usize) + Sync) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// The counter's last value. The shell rewrites `/count` (truncate, then write) every second, so a read
-/// may see it empty: read again (for up to 2 s) until it holds a number; 0 when it never does.
+/// The counter's last value. The shell renames a new `/count` into place every second; read again (for up
+/// to 2 s) until it holds a number (it does not exist before the first one); 0 when it never does.
 fn count(c: &Containerd, id: &str) -> u64 {
     let start = Instant::now();
     loop {

@@ -10,7 +10,7 @@ use containerd_shim::protos::{
 use kata_rs_tests::{containerd::*, processes_mentioning, read_counter, tar_entries, wait_counter, wait_file};
 
 const T: Duration = Duration::from_secs(120);
-const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"];
+const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.1; done"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_and_restore_in_a_new_vm_continues_the_counter() {

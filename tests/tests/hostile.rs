@@ -18,7 +18,7 @@ use containerd_shim::protos::{api::CheckpointTaskRequest, ttrpc::context};
 use kata_rs_tests::{boot_with, containerd::*, oci_spec, test_config, wait_counter};
 
 const T: Duration = Duration::from_secs(120);
-const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"];
+const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.1; done"];
 
 /// Host files the guest must never reach: their names, sizes, contents and times are checked after
 /// every case, and no checkpoint image may hold their content.

@@ -14,7 +14,7 @@ const SHIM: &str = "/usr/local/bin/containerd-shim-kata-rs-v2";
 const SHARE: &str = "/usr/share/kata-rs";
 const ETC_CONFIG: &str = "/etc/kata-rs/configuration.toml";
 const T: Duration = Duration::from_secs(180);
-const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.2; done"];
+const COUNTER: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.2; done"];
 
 fn top() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()

@@ -78,7 +78,7 @@ async fn signals_reach_processes_and_exit_statuses_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_freezes_the_counter_and_resume_continues_it() {
     let sb = boot("pause").await;
-    let host = run_container(&sb, "c1", &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"]).await;
+    let host = run_container(&sb, "c1", &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.1; done"]).await;
     let count = host.join("count");
     wait_counter(&count, 5, T).await;
     let req = ContainerRequest { container_id: "c1".into(), ..Default::default() };
@@ -106,7 +106,7 @@ async fn pause_freezes_the_counter_and_resume_continues_it() {
 async fn qmp_stop_cont_and_quit() {
     let sb = boot("qmp").await;
     // A guest-side counter, visible on the host through virtio-fs, shows whether the guest runs.
-    let host = run_container(&sb, "c1", &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"]).await;
+    let host = run_container(&sb, "c1", &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.1; done"]).await;
     let count = host.join("count");
     wait_counter(&count, 3, T).await;
     let qmp = sb.vm.qmp();

@@ -26,7 +26,7 @@ async fn volumes_are_shared_read_only_where_asked_and_survive_checkpoint_restore
     let (m1, m2, m3) = (m(&vol, "/data", "rbind:rw"), m(&ro, "/ro", "rbind:ro"), m(&file, "/motd", "bind:ro"));
     let script = "cat /motd > /data/motd-seen; cat /ro/ro.txt > /data/ro-seen; \
                   if (echo x > /ro/new) 2>/data/ro-err; then echo wrote > /data/ro-result; else echo refused > /data/ro-result; fi; \
-                  i=0; while :; do i=$((i+1)); echo $i > /data/count; sleep 0.1; done";
+                  i=0; while :; do i=$((i+1)); echo $i > /data/count.new; busybox mv /data/count.new /data/count; sleep 0.1; done";
     c.run_detached("v1", &["--mount", &m1, "--mount", &m2, "--mount", &m3], &["sh", "-c", script]);
     let count = vol.join("count");
     wait_counter(&count, 5, T).await;

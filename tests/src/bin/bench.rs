@@ -379,7 +379,7 @@ fn report(c: &kata_rs_tests::containerd::Containerd, id: &str, file: &str) -> se
 async fn checkpoint_figures(c: &kata_rs_tests::containerd::Containerd) {
     use kata_rs_tests::containerd::RUNTIME;
     let limit = Duration::from_secs(600);
-    let counter: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done"];
+    let counter: &[&str] = &["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.1; done"];
     for (size, cmd) in [("small", counter), ("256mib", &["/bin/memhog", "256"][..])] {
         for (name, runtime) in [("kata_rs", RUNTIME), ("runc_v2", "io.containerd.runc.v2")] {
             let tag = format!("[{name},{size}]");

@@ -12,7 +12,7 @@ fn say(msg: &str) {
 async fn main() -> anyhow::Result<()> {
     say("starting a private containerd with runtime io.containerd.kata-rs.v2");
     let c = Containerd::start();
-    let counter = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.2; done"];
+    let counter = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; sleep 0.2; done"];
     say("ctr run -d --runtime io.containerd.kata-rs.v2 ... c1 (a counter, in its own QEMU VM)");
     let t = Instant::now();
     c.run_detached("c1", &[], &counter);
