@@ -260,7 +260,7 @@ impl TaskService {
             open_tcp: c.open_tcp,
             oom_seen: Default::default(),
             restore_pending: restore,
-            checkpointing: false,
+            checkpointing: tokio::sync::watch::Sender::new(false),
             vm_gone: None,
             guest_mem_mib,
             meter: Default::default(),

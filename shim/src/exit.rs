@@ -23,14 +23,8 @@ impl TaskService {
                     if kills > 0 && exec_id.is_empty() {
                         // Before its exit, as runc's shim does (containerd's CRI then gives the
                         // container the reason OOMKilled), unless the OOM watch published them.
-                        let g = me.state.lock().await;
-                        // Not once its exit is recorded (the host ended it, or the VM's watch did).
-                        if let Some(st) = g.tasks.get(&cid).filter(|st| st.init.status != PStatus::Stopped) {
-                            if st.oom_seen.fetch_max(kills, std::sync::atomic::Ordering::SeqCst) < kills {
-                                info!(cid, kills, "the guest kernel OOM-killed a process of the container");
-                                me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
-                            }
-                        }
+                        let mut g = me.state.lock().await;
+                        me.publish_oom_kills(&mut g, &cid, kills);
                     }
                     (r.exit_status as u32, true)
                 }
@@ -69,11 +63,11 @@ impl TaskService {
                 let seen = {
                     let g = me.state.lock().await;
                     match g.tasks.get(&cid) {
-                        Some(st) if st.init.status != PStatus::Stopped => st.oom_seen.clone(),
+                        Some(st) if st.init.status != PStatus::Stopped => st.oom_seen,
                         _ => return,
                     }
                 };
-                let req = ag::WaitOomRequest { container_id: cid.clone(), seen: seen.load(std::sync::atomic::Ordering::SeqCst), ..Default::default() };
+                let req = ag::WaitOomRequest { container_id: cid.clone(), seen, ..Default::default() };
                 let bound = agent_client::OOM_WAIT_MAX + agent_client::OOM_WAIT_SLACK;
                 let r = match agent.call("WaitOom", bound, |c, ctx| async move { c.wait_oom(ctx, &req).await }).await {
                     Ok(r) => r,
@@ -87,17 +81,8 @@ impl TaskService {
                         return;
                     }
                 };
-                {
-                    // Under the lock, and only while the init runs: a TaskOOM never follows its TaskExit.
-                    let g = me.state.lock().await;
-                    let Some(st) = g.tasks.get(&cid) else { return };
-                    if st.init.status == PStatus::Stopped {
-                        return;
-                    }
-                    if seen.fetch_max(r.oom_kills, std::sync::atomic::Ordering::SeqCst) < r.oom_kills {
-                        info!(cid, kills = r.oom_kills, "the guest kernel OOM-killed a process of the running container");
-                        me.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.clone(), ..Default::default() }));
-                    }
+                if !me.publish_oom_kills(&mut *me.state.lock().await, &cid, r.oom_kills) {
+                    return;
                 }
                 if r.ended {
                     return;
@@ -105,6 +90,20 @@ impl TaskService {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// Publishes one TaskOOM when the guest's count of OOM kills in `cid`'s cgroup (`kills`) is above
+    /// what was published: under the shim's lock, and only while the init runs, so that a TaskOOM never
+    /// follows its TaskExit (the host ended it, or the VM's watch did). False once the init has stopped
+    /// or the task is gone.
+    fn publish_oom_kills(&self, g: &mut Shim, cid: &str, kills: u64) -> bool {
+        let Some(st) = g.task_mut(cid).filter(|st| st.init.status != PStatus::Stopped) else { return false };
+        if kills > st.oom_seen {
+            st.oom_seen = kills;
+            info!(cid, kills, "the guest kernel OOM-killed a process of the container");
+            self.events.queue(TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id: cid.into(), ..Default::default() }));
+        }
+        true
     }
 
     /// Records a process's exit and publishes it, once: whichever of its waiter and the VM watcher

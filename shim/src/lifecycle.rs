@@ -139,14 +139,23 @@ impl TaskService {
     pub(crate) async fn pause_resume(&self, id: &str, pause: bool) -> ttrpc::Result<Empty> {
         let (want_from, during, to) =
             if pause { (PStatus::Running, PStatus::Pausing, PStatus::Paused) } else { (PStatus::Paused, PStatus::Resuming, PStatus::Running) };
-        let (agent, cid) = {
+        let (agent, cid) = loop {
             let mut g = self.state.lock().await;
             let st = g.task_mut(id).ok_or_else(|| self.no_task(id))?;
+            if st.checkpoint_running() {
+                // CRIU freezes and thaws the container itself: a Resume now would thaw what it dumps,
+                // a Pause be undone by its thaw. Wait for its end (bounded by its own deadline), as
+                // containerd's client resumes a task whose checkpoint call was cut short.
+                let mut end = st.checkpointing.subscribe();
+                drop(g);
+                let _ = end.wait_for(|running| !*running).await;
+                continue;
+            }
             if st.init.status != want_from {
                 return Err(TaskError::precondition(format!("task {id} is {:?}, not {want_from:?}", st.init.status)));
             }
             st.init.status = during;
-            (st.agent.clone(), st.id.clone())
+            break (st.agent.clone(), st.id.clone());
         };
         let r = ag::ContainerRequest { container_id: cid.clone(), ..Default::default() };
         let result = if pause {
@@ -241,7 +250,7 @@ impl TaskService {
             return Ok(DeleteResponse { pid: st.host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
         }
         can_delete(&format!("task {}", st.id), st.init.status)?;
-        if st.checkpointing {
+        if st.checkpoint_running() {
             return Err(TaskError::precondition(format!("task {} is being checkpointed; delete it when the checkpoint has ended", st.id)));
         }
         let (code, ts) = st.init.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));

@@ -112,11 +112,12 @@ pub(crate) struct TaskState {
     pub(crate) open_tcp: bool,
     /// OOM kills in the container's guest cgroup already published as TaskOOM (by the OOM watch or
     /// at the init's exit, whichever saw them first).
-    pub(crate) oom_seen: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) oom_seen: u64,
     /// Set when the task was created from a checkpoint: Start restores instead of starting.
     pub(crate) restore_pending: bool,
-    /// A checkpoint runs (without the lock): a second one and Delete are refused meanwhile.
-    pub(crate) checkpointing: bool,
+    /// True while a checkpoint runs (without the lock; claimed under it by [`CheckpointClaim`]): a
+    /// second one and Delete are refused meanwhile, Pause and Resume wait for its end.
+    pub(crate) checkpointing: tokio::sync::watch::Sender<bool>,
     /// Why the VM is gone, once it is (the watcher saw QEMU exit, a panic, a shutdown or a reset).
     pub(crate) vm_gone: Option<String>,
     pub(crate) guest_mem_mib: u64,
@@ -127,7 +128,28 @@ pub(crate) struct TaskState {
     pub(crate) hook_spec: serde_json::Value,
 }
 
+/// A running checkpoint's claim on its task: taken under the lock, given back when dropped (the
+/// checkpoint ended, however it ended).
+pub(crate) struct CheckpointClaim(tokio::sync::watch::Sender<bool>);
+
+impl CheckpointClaim {
+    /// Claims `st` for a checkpoint; None when one runs already.
+    pub(crate) fn take(st: &TaskState) -> Option<Self> {
+        (!st.checkpointing.send_replace(true)).then(|| CheckpointClaim(st.checkpointing.clone()))
+    }
+}
+
+impl Drop for CheckpointClaim {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
+}
+
 impl TaskState {
+    pub(crate) fn checkpoint_running(&self) -> bool {
+        *self.checkpointing.borrow()
+    }
+
     pub(crate) fn hook_state(&self, status: &str) -> Vec<u8> {
         let pid = if status == "stopped" { 0 } else { self.host_pid };
         hooks::state_json(&self.hook_spec, &self.id, status, pid, &self.bundle.display().to_string())

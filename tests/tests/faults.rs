@@ -1,4 +1,4 @@
-//! Faults and concurrency through a real containerd: Kill, State and Delete answer while a checkpoint
+//! Faults and concurrency through a real containerd: Kill, State and Delete answer (and Pause waits) while a checkpoint
 //! or a restore runs, and a VM that dies (QEMU SIGKILLed) during a checkpoint or a restore is noticed at
 //! once: the call fails naming the cause, containerd hears the exit, and removal leaves nothing.
 use std::{
@@ -74,6 +74,11 @@ async fn calls_answer_during_checkpoint_and_restore_and_a_dead_vm_is_reported() 
     let h = checkpoint_in_thread(&c, "m1", c.dir.join("ck1"));
     wait_path(&shared1.join(".checkpoints/1"), T);
     std::thread::sleep(Duration::from_millis(200));
+    // CRIU freezes and thaws the container itself: a Pause meanwhile waits for the checkpoint's end.
+    let pause = {
+        let (addr, ctr) = (c.address.clone(), c.ctr_path());
+        std::thread::spawn(move || std::process::Command::new(ctr).args(["--address", &addr, "task", "pause", "m1"]).output().unwrap())
+    };
     let (took, o) = timed(&c, &["task", "ls"]);
     assert_fast("State (task ls) during a checkpoint", took, &o);
     assert!(String::from_utf8_lossy(&o.stdout).contains("m1"));
@@ -83,9 +88,15 @@ async fn calls_answer_during_checkpoint_and_restore_and_a_dead_vm_is_reported() 
     let (took, o) = timed(&c, &["task", "rm", "m1"]);
     assert_fast("Delete during a checkpoint", took, &o);
     assert!(!o.status.success(), "a running task is not deleted");
+    let paused_early = pause.is_finished();
     assert!(!h.is_finished(), "the checkpoint was still running when the calls were answered");
+    assert!(!paused_early, "a Pause during a checkpoint waits for its end: {:?}", paused_early.then(|| pause.join().unwrap()));
     h.join().unwrap().expect("the checkpoint itself succeeds");
     assert!(c.dir.join("ck1/inventory.img").is_file());
+    let o = pause.join().unwrap();
+    assert!(o.status.success(), "the Pause goes through once the checkpoint ended: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(c.task_status("m1").as_deref(), Some("PAUSED"));
+    c.ctr_ok(&["task", "resume", "m1"]);
     // The SIGUSR1 sent during the dump reached memhog: it re-summed its memory.
     let v = wait_file(&c.rootfs("m1").join("verify"), SLOW, |s| s.ends_with('\n')).await;
     assert!(v.contains(" ok"), "{v}");

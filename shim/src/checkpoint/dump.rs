@@ -15,23 +15,11 @@ use crate::{
 };
 
 impl TaskService {
+    /// The checkpoint: claims the task once its checks passed (the claim is given back when the
+    /// checkpoint ends, however it ends).
     pub(crate) async fn checkpoint_inner(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>) -> ttrpc::Result<Empty> {
-        let id = req.id.clone();
-        let mut claimed = false;
-        let r = self.checkpoint_unlocked(req, request_deadline, &mut claimed).await;
-        if claimed {
-            if let Some(st) = self.state.lock().await.task_mut(&id) {
-                st.checkpointing = false;
-            }
-        }
-        r
-    }
-
-    /// The checkpoint; marks the task as checkpointing (and sets `claimed`) once its checks passed, for
-    /// the caller to clear.
-    pub(crate) async fn checkpoint_unlocked(&self, req: CheckpointTaskRequest, request_deadline: Option<Duration>, claimed: &mut bool) -> ttrpc::Result<Empty> {
         let opts = checkpoint::parse_options(req.options.as_ref())?;
-        let (agent, cid, paused, bundle, shared, deadline_s, n, max, open_tcp) = {
+        let (_claim, agent, cid, paused, bundle, shared, deadline_s, n, max, open_tcp) = {
             let mut guard = self.state.lock().await;
             let g = &mut *guard;
             g.checkpoints += 1;
@@ -39,15 +27,12 @@ impl TaskService {
             let st = g.tasks.get_mut(&req.id).ok_or_else(|| self.no_task(&req.id))?;
             let status = st.init.status;
             checkpointable(&st.id, status, st.restore_pending)?;
-            if st.checkpointing {
-                return Err(TaskError::precondition(format!("task {} is being checkpointed already", st.id)));
-            }
             if let Some(why) = &st.vm_gone {
                 return Err(TaskError::vm_gone(format!("task {}: the VM is gone ({why})", st.id)));
             }
-            st.checkpointing = true;
-            *claimed = true;
+            let claim = CheckpointClaim::take(st).ok_or_else(|| TaskError::precondition(format!("task {} is being checkpointed already", st.id)))?;
             (
+                claim,
                 st.agent.clone(),
                 st.id.clone(),
                 status == PStatus::Paused,
