@@ -12,7 +12,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
@@ -48,12 +48,25 @@ async fn main() {
     let me = std::process::id();
     let rss_before = rss_kib(me);
     let mut times = Vec::new();
+    let (mut uptimes, mut module_loads) = (Vec::new(), Vec::new());
     let mut last = None;
     for i in 0..boots {
         let t = Instant::now();
         let sb = boot("bench").await;
         times.push(t.elapsed().as_secs_f64());
-        eprintln!("boot {}: {:.2} s (QEMU launch to agent answer {:.2} s, accel {})", i + 1, times[i], sb.boot_time.as_secs_f64(), sb.vm.accel);
+        let (uptime, modules) = guest_phases(&sb.vm.console_log());
+        if std::env::var_os("KATA_RS_BENCH_CONSOLE").is_some() {
+            eprintln!("--- console of boot {}\n{}", i + 1, std::fs::read_to_string(sb.vm.console_log()).unwrap_or_default());
+        }
+        uptimes.push(uptime);
+        module_loads.push(modules);
+        eprintln!(
+            "boot {}: {:.2} s (QEMU launch to agent answer {:.2} s, accel {}; guest: agent listening at uptime {uptime:.2} s, module loads {modules:.2} s)",
+            i + 1,
+            times[i],
+            sb.boot_time.as_secs_f64(),
+            sb.vm.accel
+        );
         if i + 1 < boots {
             sb.stop(None).await;
         } else {
@@ -62,6 +75,12 @@ async fn main() {
     }
     let sb = last.expect("at least one boot");
     result("vm_boot_to_agent_ready_s", median(times.clone()), "s", &format!("median of {boots}, accel {}, includes VM start and agent connect", sb.vm.accel));
+    result("vm_guest_uptime_at_agent_listen_s", median(uptimes), "s", "phase: guest kernel start to the agent listening (guest clock, from its ready line)");
+    result("vm_guest_module_load_s", median(module_loads), "s", "phase: the agent's kernel module loads, part of the above");
+    if std::env::var("KATA_RS_BENCH_ONLY").as_deref() == Ok("boot") {
+        sb.stop(None).await;
+        return;
+    }
 
     // Agent round trips: Check (answered from the agent's cache, so it measures the channel).
     let n = 500;
@@ -108,6 +127,14 @@ async fn main() {
         None => println!("# pod figures skipped: KATA_RS_BENCH_CRI_CONTAINERD (a containerd 2.x bin directory) is not set"),
     }
     load_figures();
+}
+
+/// The guest's own boot phases from its ready line on the console (`uptime=… modules=…`); NaN when absent.
+fn guest_phases(console: &std::path::Path) -> (f64, f64) {
+    let log = std::fs::read_to_string(console).unwrap_or_default();
+    let line = log.lines().rev().find(|l| l.contains(kata_rs_shim::sandbox::AGENT_READY_MARKER)).unwrap_or("");
+    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    (field("uptime="), field("modules="))
 }
 
 /// With CNI (bridge, host-local) in a network namespace of the bench's own: `ctr run -d --cni` of an
