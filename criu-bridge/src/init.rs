@@ -2,7 +2,6 @@
 use std::{
     ffi::CString,
     fs,
-    os::unix::process::CommandExt,
     path::Path,
     process::Command,
     time::Duration,
@@ -140,28 +139,22 @@ fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>
     mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mount {fstype} on {target}"))
 }
 
-/// First stage, still on the initramfs: runc cannot pivot_root out of rootfs, so copy the tree into
-/// a tmpfs and `switch_root` there (busybox removes the old contents and re-executes /init).
+/// First stage, still on the initramfs: runc cannot pivot_root out of rootfs (the root mount of all,
+/// which has no parent). A bind mount of it, moved over `/` and entered with chroot, is a mount with a
+/// parent, which pivot_root accepts: the same tree, with nothing copied (copying the 34 MiB tree into
+/// a tmpfs and `switch_root` there took about 0.9 s of the boot under TCG).
 pub fn switch_root_if_needed() -> Result<()> {
     if Path::new(SWITCHED_MARK).exists() {
         return Ok(());
     }
-    mnt("tmpfs", "/newroot", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
-    let entries: Vec<String> = fs::read_dir("/")?
-        .filter_map(|e| e.ok())
-        .map(|e| format!("/{}", e.file_name().to_string_lossy()))
-        .filter(|p| !matches!(p.as_str(), "/newroot" | "/proc" | "/sys" | "/dev"))
-        .collect();
-    let st = Command::new("/bin/cp").arg("-a").args(&entries).arg("/newroot/").status()?;
-    if !st.success() {
-        bail!("copying the initramfs into /newroot failed: {st}");
-    }
-    for d in ["/newroot/proc", "/newroot/sys", "/newroot/dev"] {
-        fs::create_dir_all(d)?;
-    }
-    fs::write(format!("/newroot{SWITCHED_MARK}"), b"")?;
-    let err = Command::new("/bin/switch_root").args(["/newroot", "/init"]).exec();
-    bail!("exec switch_root: {err}")
+    fs::create_dir_all("/newroot")?;
+    mount(Some("/"), "/newroot", None::<&str>, MsFlags::MS_BIND, None::<&str>).context("bind mount of the initramfs on /newroot")?;
+    std::env::set_current_dir("/newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the bind mount over /")?;
+    nix::unistd::chroot(".").context("chroot into the bind mount")?;
+    std::env::set_current_dir("/")?;
+    fs::write(SWITCHED_MARK, b"")?;
+    Ok(())
 }
 
 /// Mounts the pseudo filesystems PID 1 needs.

@@ -45,10 +45,6 @@ impl AgentService {
         AgentService { containers, versions: OnceCell::new(), test_fault }
     }
 
-    pub async fn warm_up(&self) {
-        self.versions().await;
-    }
-
     async fn versions(&self) -> &(String, String) {
         self.versions
             .get_or_init(|| async {
@@ -70,8 +66,13 @@ fn uptime() -> f64 {
 
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
-    async fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
-        let (runc, criu) = self.versions().await.clone();
+    async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {
+        // The readiness probe answers at once; the versions are learnt only when asked for.
+        let (runc, criu) = match (req.tool_versions, self.versions.get()) {
+            (_, Some(v)) => v.clone(),
+            (true, None) => self.versions().await.clone(),
+            (false, None) => Default::default(),
+        };
         let mut r = CheckResponse::new();
         r.agent_version = env!("CARGO_PKG_VERSION").into();
         r.kernel_release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();

@@ -101,7 +101,7 @@ pub async fn run(config: &Config, mut out: impl FnMut(&Item)) -> Vec<Item> {
     };
     push(item("boot", true, format!("guest agent answered {:.1} s after QEMU started", sandbox.boot_time.as_secs_f64())), &mut items);
     let timeout = Duration::from_secs(120);
-    match sandbox.agent.call("Check", timeout, |c, ctx| async move { c.check(ctx, &CheckRequest::new()).await }).await {
+    match sandbox.agent.call("Check", timeout, |c, ctx| async move { c.check(ctx, &CheckRequest { tool_versions: true, ..Default::default() }).await }).await {
         Ok(r) => push(
             item("agent", true, format!("criu-bridge {} on kernel {}; {}; criu {}", r.agent_version, r.kernel_release, r.runc_version, r.criu_version)),
             &mut items,

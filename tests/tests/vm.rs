@@ -151,6 +151,11 @@ async fn criu_check_runs_in_the_guest_and_file_reads_stay_in_the_agents_director
     assert_eq!(r.exit_code, 0, "criu check failed: {}", r.output);
     assert!(r.output.contains("Looks good"), "{}", r.output);
     assert!(r.criu_version.contains("Version"), "{}", r.criu_version);
+    // The readiness probe's Check does not run the tools; asked for, their versions come back.
+    let req = agent_client::agent::CheckRequest { tool_versions: true, ..Default::default() };
+    let r = sb.agent.call("Check", T, |c, ctx| async move { c.check(ctx, &req).await }).await.unwrap();
+    assert!(r.runc_version.starts_with("runc version"), "{}", r.runc_version);
+    assert!(r.criu_version.contains("Version"), "{}", r.criu_version);
     // The agent refuses to read files outside its own directories.
     let req = ReadFileTailRequest { path: "/etc/passwd".into(), max_bytes: 100, ..Default::default() };
     let e = sb.agent.call_default("ReadFileTail", |c, ctx| async move { c.read_file_tail(ctx, &req).await }).await.unwrap_err();
