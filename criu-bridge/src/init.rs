@@ -33,6 +33,9 @@ pub struct BootParams {
 /// `kata_rs.test_fault=stop-criu-in-restore:<ms>`: that long after a restore request arrives, the first
 /// `criu` process that has its restore.log open is SIGSTOPped (a CRIU that never finishes: the restore
 /// must end at its deadline).
+/// `kata_rs.test_fault=vsock-flood:<ms>`: that long after the agent listens, a thread of normal priority
+/// opens vsock streams to the host (CID 2) on every port in turn without end, 256 in flight, and prints
+/// `KATA_RS_VSOCK_FLOOD attempts=<n>` on the console every second (a guest flooding the host's vsock).
 /// The fault tests use it to crash a guest at a known moment. Only the host sets the kernel command
 /// line (configuration.toml, `hypervisor.kernel_params`); nothing in the guest can turn it on.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +54,8 @@ pub enum FaultDuring {
     AbsurdStats,
     /// Not an exit: the restore's CRIU is stopped.
     StopCriuInRestore,
+    /// Not an exit: vsock connections to the host without end.
+    VsockFlood,
 }
 
 impl TestFault {
@@ -62,6 +67,7 @@ impl TestFault {
             "ignore-signals" => FaultDuring::IgnoreSignals,
             "absurd-stats" => FaultDuring::AbsurdStats,
             "stop-criu-in-restore" => FaultDuring::StopCriuInRestore,
+            "vsock-flood" => FaultDuring::VsockFlood,
             _ => return None,
         };
         Some(TestFault { during, after_ms: ms.parse().ok()? })
@@ -91,7 +97,14 @@ impl TestFault {
             });
             return;
         }
-        if self.during != now || matches!(now, FaultDuring::IgnoreSignals | FaultDuring::AbsurdStats | FaultDuring::StopCriuInRestore) {
+        if self.during == FaultDuring::VsockFlood && now == FaultDuring::VsockFlood {
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                vsock_flood();
+            });
+            return;
+        }
+        if self.during != now || matches!(now, FaultDuring::IgnoreSignals | FaultDuring::AbsurdStats | FaultDuring::StopCriuInRestore | FaultDuring::VsockFlood) {
             return;
         }
         std::thread::spawn(move || {
@@ -99,6 +112,31 @@ impl TestFault {
             warn!(fault = ?now, "kata_rs.test_fault: the agent exits now");
             std::process::exit(70);
         });
+    }
+}
+
+/// The `vsock-flood` test fault: non-blocking connects to the host on port after port, forever.
+fn vsock_flood() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    // Back to the normal priority, as a container's process would run.
+    // SAFETY: setpriority on the calling thread; no memory is passed.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
+    let mut open = std::collections::VecDeque::new();
+    let (mut attempts, mut port, mut last) = (0u64, 1u32, std::time::Instant::now());
+    loop {
+        if let Ok(fd) = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None) {
+            let _ = connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(libc::VMADDR_CID_HOST, port));
+            open.push_back(fd);
+            attempts += 1;
+        }
+        if open.len() > 256 {
+            open.pop_front();
+        }
+        port = if port >= 65535 { 1 } else { port + 1 };
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            console(&format!("KATA_RS_VSOCK_FLOOD attempts={attempts}"));
+            last = std::time::Instant::now();
+        }
     }
 }
 
@@ -268,6 +306,7 @@ mod tests {
         assert_eq!((f.during, f.after_ms), (FaultDuring::Checkpoint, 1500));
         assert_eq!(BootParams::parse("kata_rs.test_fault=agent-exit-in-restore:0").test_fault.unwrap().during, FaultDuring::Restore);
         assert_eq!(BootParams::parse("kata_rs.test_fault=ignore-signals:0").test_fault.unwrap().during, FaultDuring::IgnoreSignals);
+        assert_eq!(BootParams::parse("kata_rs.test_fault=vsock-flood:500").test_fault.unwrap().during, FaultDuring::VsockFlood);
         assert_eq!(BootParams::parse("kata_rs.test_fault=absurd-stats:0").test_fault.unwrap().during, FaultDuring::AbsurdStats);
         assert_eq!(BootParams::parse("kata_rs.test_fault=stop-criu-in-restore:0").test_fault.unwrap().during, FaultDuring::StopCriuInRestore);
         assert_eq!(BootParams::parse("kata_rs.test_fault=reboot:10").test_fault, None);

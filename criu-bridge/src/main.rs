@@ -84,6 +84,7 @@ async fn serve(params: init::BootParams, modules_s: f64) -> Result<()> {
     let reaper = reaper::Reaper::start();
     let containers = Arc::new(container::Containers::new(reaper));
     let service = Arc::new(service::AgentService::new(containers, params.test_fault.clone()));
+    let flood = params.test_fault.clone().filter(|f| f.during == init::FaultDuring::VsockFlood);
     let svc = service as Arc<dyn agent_client::agent_ttrpc::Agent + Send + Sync>;
     let services = agent_client::agent_ttrpc::create_agent(svc);
     let addr = format!("vsock://-1:{}", params.port);
@@ -98,6 +99,9 @@ async fn serve(params: init::BootParams, modules_s: f64) -> Result<()> {
     // Whatever the log level: the host waits for this line before it connects (see the shim's sandbox.rs).
     // The guest's own phases follow it (read by `make bench`; the host trusts nothing in them).
     init::console(&format!("{READY_MARKER} {addr} uptime={uptime} modules={modules_s:.3}"));
+    if let Some(f) = flood {
+        f.arm(init::FaultDuring::VsockFlood);
+    }
     // Serve until the VM is torn down. SIGTERM (not sent to PID 1 by the kernel) is honoured for non-init runs.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     term.recv().await;

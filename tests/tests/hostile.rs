@@ -615,3 +615,62 @@ async fn a_guest_filling_its_shared_directory_is_bounded_by_its_host_cgroup() {
     kata_rs_tests::stop_and_assert_clean(sb).await;
     assert!(!cg.exists(), "{} is removed with the VM", cg.display());
 }
+
+/// A status field in KiB (`RssAnon:`, `VmRSS:`) of process `pid`.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{field} of {pid}"))
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// A guest flooding the host's vsock: connects to CID 2 on port after port, 256 in flight, without end
+/// (the agent's `vsock-flood` test fault, what any guest process could do). vhost-device-vsock refuses
+/// each (no host socket listens there); its own memory and descriptors stay flat, the host side's too,
+/// the agent channel keeps answering, and the VM stops clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vsock_flood_from_the_guest_costs_the_host_bounded_memory_and_descriptors() {
+    let mut cfg = test_config();
+    cfg.hypervisor.kernel_params = format!("{} kata_rs.test_fault=vsock-flood:0", cfg.hypervisor.kernel_params).trim().to_string();
+    let sb = boot_with(cfg, "vflood").await;
+    let vpid = *sb
+        .vm
+        .pids()
+        .iter()
+        .find(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("vhost-device-vsock")))
+        .expect("vhost-device-vsock runs");
+    let attempts = |sb: &kata_rs_shim::Sandbox| -> u64 {
+        let tail = sb.vm.console_tail(usize::MAX);
+        tail.rsplit("KATA_RS_VSOCK_FLOOD attempts=").next().filter(|_| tail.contains("KATA_RS_VSOCK_FLOOD")).and_then(|s| s.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let check = |sb: &kata_rs_shim::Sandbox| {
+        let agent = sb.agent.clone();
+        async move { agent.call_default("Check", |c, ctx| async move { c.check(ctx, &agent_client::agent::CheckRequest::new()).await }).await }
+    };
+    let start = Instant::now();
+    while attempts(&sb) < 2_000 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the flood did not start: {}", sb.vm.console_tail(2000));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (a0, anon0, fds0, me0, myfds0) = (attempts(&sb), status_kib(vpid, "RssAnon:"), open_fds(vpid), rss_kib(), open_fds(std::process::id()));
+    // 50,000 connections more (about 200 times those in flight), and ten Checks answered meanwhile.
+    let mut answered = 0;
+    while attempts(&sb) < a0 + 50_000 || answered < 10 {
+        assert!(start.elapsed() < Duration::from_secs(400), "the flood went from {a0} to {} attempts", attempts(&sb));
+        check(&sb).await.unwrap_or_else(|e| panic!("the agent channel stops answering under the flood: {e}"));
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (a1, anon1, fds1, me1, myfds1) = (attempts(&sb), status_kib(vpid, "RssAnon:"), open_fds(vpid), rss_kib(), open_fds(std::process::id()));
+    eprintln!(
+        "vsock flood: {} connects in {:.0} s; vhost-device-vsock anonymous RSS {anon0} -> {anon1} KiB, fds {fds0} -> {fds1}; host side RSS {me0} -> {me1} KiB, fds {myfds0} -> {myfds1}",
+        a1 - a0,
+        start.elapsed().as_secs_f64()
+    );
+    assert!(anon1 <= anon0 + 16 * 1024, "vhost-device-vsock grew from {anon0} to {anon1} KiB under the flood");
+    assert!(fds1 <= fds0 + 16, "vhost-device-vsock's descriptors went from {fds0} to {fds1}");
+    assert!(me1 <= me0 + 32 * 1024 && myfds1 <= myfds0 + 16, "the host side grew: RSS {me0} -> {me1} KiB, fds {myfds0} -> {myfds1}");
+    kata_rs_tests::stop_and_assert_clean(sb).await;
+}
