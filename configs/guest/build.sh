@@ -33,7 +33,7 @@ mkdir -p "$OUT" "$CACHE"
 OUT=$(cd "$OUT" && pwd)
 log() { echo "[guest-image] $*" >&2; }
 
-for tool in apt-get dpkg depmod cpio gzip readelf xz zstd; do
+for tool in apt-get dpkg depmod cpio gzip readelf strip xz zstd; do
   command -v "$tool" >/dev/null || { echo "build.sh: '$tool' not found: run 'make setup'" >&2; exit 2; }
 done
 

@@ -1,6 +1,6 @@
 //! criu-bridge: the kata-rs guest agent, PID 1 of the guest (no systemd).
 //!
-//! Boot: switch_root into a tmpfs (so runc can pivot_root), mount the pseudo filesystems and cgroup2,
+//! Boot: a bind mount of the initramfs root moved over `/` (so runc can pivot_root), mount the pseudo filesystems and cgroup2,
 //! load modules, bring up `lo`, mount the shared directory, then serve the agent protocol on vsock.
 //! With `kata_rs.probe=1` on the kernel command line it only prints a marker and powers off
 //! (the host's KVM probe).
