@@ -1,8 +1,7 @@
-//! PID-1 duties: switch_root to a tmpfs, mounts, kernel modules, loopback, the shared directory.
+//! PID-1 duties: a pivotable root, mounts, kernel modules, loopback, the shared directory.
 use std::{
     ffi::CString,
     fs,
-    path::Path,
     process::Command,
     time::Duration,
 };
@@ -170,28 +169,23 @@ impl BootParams {
 
 /// Where the shared directory is mounted in the guest.
 pub const SHARED_MOUNT: &str = "/run/kata-rs/shared";
-const SWITCHED_MARK: &str = "/.kata-rs-switched";
 
 fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
     fs::create_dir_all(target).ok();
     mount(Some(src), target, Some(fstype), flags, data).with_context(|| format!("mount {fstype} on {target}"))
 }
 
-/// First stage, still on the initramfs: runc cannot pivot_root out of rootfs (the root mount of all,
+/// First stage, still on the initramfs (run once: PID 1 is no longer re-executed, so no mark is kept): runc cannot pivot_root out of rootfs (the root mount of all,
 /// which has no parent). A bind mount of it, moved over `/` and entered with chroot, is a mount with a
 /// parent, which pivot_root accepts: the same tree, with nothing copied (copying the 34 MiB tree into
 /// a tmpfs and `switch_root` there took about 0.9 s of the boot under TCG).
 pub fn switch_root_if_needed() -> Result<()> {
-    if Path::new(SWITCHED_MARK).exists() {
-        return Ok(());
-    }
     fs::create_dir_all("/newroot")?;
     mount(Some("/"), "/newroot", None::<&str>, MsFlags::MS_BIND, None::<&str>).context("bind mount of the initramfs on /newroot")?;
     std::env::set_current_dir("/newroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the bind mount over /")?;
     nix::unistd::chroot(".").context("chroot into the bind mount")?;
     std::env::set_current_dir("/")?;
-    fs::write(SWITCHED_MARK, b"")?;
     Ok(())
 }
 
