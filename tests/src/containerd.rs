@@ -537,10 +537,18 @@ impl Containerd {
                 .filter(|(_, c)| c.contains("containerd-shim-kata-rs-v2"))
                 .map(|(p, c)| format!("shim {p}: {c}")),
         );
+        // By mount point, a whole path component at a time: /run/kata-rs is not /run/kata-rs-test.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let d = self.dir.display().to_string();
-        let root = self.runtime_root.display().to_string();
-        v.extend(mounts.lines().filter(|l| (l.contains(&d) && !l.contains("/root/io.containerd")) || l.contains(&root)).map(|l| format!("mount: {l}")));
+        v.extend(
+            mounts
+                .lines()
+                .filter(|l| {
+                    let Some(m) = l.split_whitespace().nth(4) else { return false };
+                    let m = Path::new(m);
+                    (m.starts_with(&self.dir) && !l.contains("/root/io.containerd")) || m.starts_with(&self.runtime_root)
+                })
+                .map(|l| format!("mount: {l}")),
+        );
         if let Ok(entries) = std::fs::read_dir(&self.runtime_root) {
             v.extend(entries.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| format!("dir: {}", e.path().display())));
         }
@@ -597,10 +605,9 @@ impl Drop for Containerd {
         for (pid, _) in crate::processes_mentioning(&format!("-address {}", self.address)) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
-        let d = self.dir.display().to_string();
-        let kr = self.runtime_root.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut targets: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(&d) || m.starts_with(&kr)).collect();
+        let mut targets: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| Path::new(m).starts_with(&self.dir) || Path::new(m).starts_with(&self.runtime_root)).collect();
         targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
         for t in targets {
             let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
