@@ -21,7 +21,7 @@ mod state;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 const PROBE_MARKER: &str = "KATA_RS_PROBE_OK";
 const READY_MARKER: &str = "KATA_RS_AGENT_READY";
@@ -69,6 +69,11 @@ fn run(pid1: bool) -> Result<()> {
         init::mount_shared(&params)?;
     }
     std::fs::create_dir_all(container::CONTAINERS_DIR)?;
+    let t = std::time::Instant::now();
+    match runc::seal_binary() {
+        Ok(()) => info!(seconds = t.elapsed().as_secs_f64(), "runc runs from a sealed in-memory copy"),
+        Err(e) => warn!(error = %e, "no sealed copy of runc: each runc init copies runc itself"),
+    }
     if pid1 {
         // The agent answers the host even while CRIU or a container saturates the guest's vCPU: its
         // threads (created from here on) run at a higher priority; every tool it starts is put back to

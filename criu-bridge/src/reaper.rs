@@ -143,7 +143,7 @@ impl Reaper {
             });
         }
         let mut g = self.lock();
-        let child = cmd.spawn()?;
+        let child = crate::runc::spawn(cmd)?;
         let pid = child.id() as i32;
         // A status kept for this pid belongs to an earlier process: this child cannot have been reaped
         // yet (reaping takes the lock held here).
