@@ -268,6 +268,27 @@ impl Containers {
         Ok(pid)
     }
 
+    /// Forgets exec `exec_id` of container `id` once it has exited (the host deleted it): its pipes
+    /// close and its process files go. Without this every exec kept descriptors in the agent until
+    /// the container was removed (the agent ran out of them after about 1,000 execs).
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<()> {
+        valid_id(exec_id)?;
+        let e = self.get(id)?;
+        {
+            let mut c = e.lock();
+            let p = c.execs.get(exec_id).ok_or_else(|| ContainerError::ProcessNotFound { id: id.into(), exec_id: exec_id.into() })?;
+            if p.exit.borrow().is_none() {
+                return Err(ContainerError::Precondition(format!("exec {exec_id} of {id} is still running")));
+            }
+            c.execs.remove(exec_id);
+        }
+        let dir = runc::bundle(id);
+        for f in [format!("exec-{exec_id}.json"), format!("exec-{exec_id}.pid")] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        Ok(())
+    }
+
     pub async fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
         let signal = Signal::try_from(sig as i32).map_err(|_| ContainerError::Invalid(format!("signal {sig}")))?;
         let target = {

@@ -212,6 +212,11 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn remove_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers.remove_exec(&req.container_id, &req.exec_id).map_err(status)?;
+        Ok(Empty::new())
+    }
+
     async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
         let p = self.containers.process(&req.container_id, &req.exec_id).map_err(status)?;
         p.resize(req.rows.min(u16::MAX as u32) as u16, req.cols.min(u16::MAX as u32) as u16).map_err(status)?;

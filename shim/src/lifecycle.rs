@@ -247,6 +247,14 @@ impl TaskService {
             let mut p = st.execs.remove(&req.exec_id).expect("checked");
             p.abort_io();
             let (code, ts) = p.exit_rx.borrow().clone().unwrap_or((0, timestamp().unwrap_or_default()));
+            // The guest forgets the exec too (its pipes and files), without the lock and without the
+            // caller waiting for a guest that may not answer.
+            let (agent, r) = (st.agent.clone(), ag::ProcessRequest { container_id: st.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() });
+            tokio::spawn(async move {
+                if let Err(e) = agent.call_default("RemoveProcess", |c, ctx| async move { c.remove_process(ctx, &r).await }).await {
+                    warn!(error = %e, "the guest did not forget a deleted exec");
+                }
+            });
             return Ok(DeleteResponse { pid: st.host_pid, exit_status: code, exited_at: Some(ts).into(), ..Default::default() });
         }
         can_delete(&format!("task {}", st.id), st.init.status)?;
